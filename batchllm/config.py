@@ -1,0 +1,132 @@
+"""Engine, cache and scheduler settings: frozen, validated dataclasses (no torch import)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+PREEMPTION_MODES = ("recompute", "swap", "auto")
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A setting a user gave is invalid; the message names the setting and the value."""
+
+
+def _check(cond: bool, name: str, value: object, expected: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name}={value!r} is invalid: expected {expected}")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """Paged KV cache: block size, how much memory it may take, prefix caching and swap space."""
+
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.90
+    num_gpu_blocks_override: int | None = None
+    # KV cache budget on CPU (bytes); None = 1 GiB.
+    cpu_kv_cache_bytes: int | None = None
+    swap_space: float = 4.0  # GiB of CPU memory for preemption by swap
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size", self.block_size,
+               "a power of two between 1 and 128")
+        _check(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization",
+               self.gpu_memory_utilization, "a fraction in (0, 1]")
+        _check(self.num_gpu_blocks_override is None or self.num_gpu_blocks_override > 0,
+               "num_gpu_blocks_override", self.num_gpu_blocks_override, "a positive integer")
+        _check(self.swap_space >= 0, "swap_space", self.swap_space, "GiB >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Token budget per step, sequence cap, and the preemption policy."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    preemption_mode: str = "auto"
+    # In `auto` mode, a request with at least this many computed tokens is swapped; shorter ones
+    # are recomputed. Recomputing N tokens costs one prefill of N tokens (fast, compute bound, and
+    # usually helped by the prefix cache); swapping costs two PCIe copies of its KV blocks. Below a
+    # few thousand tokens the prefill is cheaper than the round trip plus the wait for swap-in.
+    swap_threshold_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        _check(self.max_num_seqs > 0, "max_num_seqs", self.max_num_seqs, "a positive integer")
+        _check(self.max_num_batched_tokens > 0, "max_num_batched_tokens",
+               self.max_num_batched_tokens, "a positive integer")
+        _check(self.preemption_mode in PREEMPTION_MODES, "preemption_mode", self.preemption_mode,
+               " | ".join(PREEMPTION_MODES))
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """Which model, in which dtype, and what may be trusted when loading it."""
+
+    model: str
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None  # None: from the model config
+    seed: int = 0
+    trust_remote_code: bool = False
+    allow_pickle: bool = False  # .bin / .pt weights are refused unless this is set
+    load_format: str = "auto"  # auto | safetensors | gguf | dummy
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in DTYPES, "dtype", self.dtype, " | ".join(DTYPES))
+        _check(self.max_model_len is None or self.max_model_len > 0, "max_model_len",
+               self.max_model_len, "a positive integer")
+        _check(self.load_format in ("auto", "safetensors", "gguf", "dummy", "pt"), "load_format",
+               self.load_format, "auto | safetensors | gguf | dummy | pt")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Everything one engine needs: model, cache, scheduler, device and backend choices."""
+
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    device: str = "auto"
+    attention_backend: str = "auto"
+    enforce_eager: bool = False  # no CUDA graphs
+
+    def __post_init__(self) -> None:
+        _check(self.device in DEVICES or self.device.startswith("cuda:"), "device", self.device,
+               "auto | cpu | cuda | cuda:N")
+        _check(self.attention_backend in ATTENTION_BACKENDS, "attention_backend",
+               self.attention_backend, " | ".join(ATTENTION_BACKENDS))
+
+
+def engine_config_field_names() -> dict[str, type]:
+    """Flat keyword names LLM(...) accepts, mapped to the sub-config that owns each."""
+    out: dict[str, type] = {}
+    for cls in (ModelConfig, CacheConfig, SchedulerConfig):
+        for f in fields(cls):
+            out[f.name] = cls
+    for name in ("device", "attention_backend", "enforce_eager"):
+        out[name] = EngineConfig
+    return out
+
+
+def build_engine_config(model: str, **kwargs: object) -> EngineConfig:
+    """Build an EngineConfig from flat keywords (as LLM(...) and job.yaml `engine:` take them)."""
+    owners = engine_config_field_names()
+    parts: dict[type, dict[str, object]] = {ModelConfig: {}, CacheConfig: {}, SchedulerConfig: {},
+                                            EngineConfig: {}}
+    for key, value in kwargs.items():
+        if key not in owners:
+            import difflib
+
+            near = difflib.get_close_matches(key, list(owners), n=1)
+            hint = f" Did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"unknown engine setting {key!r}.{hint}")
+        parts[owners[key]][key] = value
+    return EngineConfig(
+        model=ModelConfig(model=model, **parts[ModelConfig]),
+        cache=CacheConfig(**parts[CacheConfig]),
+        scheduler=SchedulerConfig(**parts[SchedulerConfig]),
+        **parts[EngineConfig],
+    )

@@ -1,0 +1,118 @@
+"""The records that cross between scheduler, runner and user: plans, sampled tokens, results.
+
+The scheduler hands the runner a SchedulerOutput each step and gets a RunnerOutput back; these
+two are the only types that cross that line. RequestOutput / CompletionOutput are what users get.
+No torch here: core/ is pure CPU planning.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from batchllm.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class NewRequestData:
+    """Sent once, the first step a request (one sample of it) is scheduled.
+
+    The runner keeps per-request sampling state (params, generator, output-token counts for
+    penalties) under `req_id` until the id appears in `SchedulerOutput.finished_req_ids`.
+    """
+
+    req_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    seed: int | None  # effective seed of this sample (None: unseeded)
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    """One request's share of the step's flattened token batch.
+
+        |<------ num_computed_tokens ------>|<-- token_ids (this step) -->|
+        | already in the KV cache (blocks)  | computed now, K/V written   |
+
+    Positions of `token_ids` are num_computed_tokens .. num_computed_tokens + len(token_ids) - 1.
+    `block_table` covers every token up to the end of this chunk. When `sample` is true, the last
+    token's logits are sampled (the chunk reaches the end of the request's known tokens).
+    """
+
+    req_id: str
+    token_ids: list[int]
+    num_computed_tokens: int
+    block_table: list[int]
+    sample: bool
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """One step's plan. The runner applies, in order: swap_out, swap_in, copy_blocks, forward."""
+
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    new_requests: list[NewRequestData] = field(default_factory=list)
+    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (gpu block, cpu block)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (cpu block, gpu block)
+    copy_blocks: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) copy-on-write
+    finished_req_ids: list[str] = field(default_factory=list)  # runner drops their state
+    preempted_req_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks and not self.swap_out and not self.swap_in and not self.copy_blocks
+
+
+@dataclass(slots=True)
+class RunnerOutput:
+    """Tokens sampled this step, one per chunk with `sample=True`, in `req_ids` order."""
+
+    req_ids: list[str] = field(default_factory=list)
+    sampled_token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] | None = None  # log p of each sampled token (after temperature=1 softmax)
+    top_logprobs: list[dict[int, float]] | None = None  # when some request asked for logprobs > 0
+    errors: dict[str, str] = field(default_factory=dict)  # req_id -> why it failed (NaN logits…)
+
+
+@dataclass(slots=True)
+class RequestMetrics:
+    """Wall-clock times (time.time()) of one request's life."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    """One sample of a request. logprobs[i] is log p(token_ids[i]); top_logprobs[i] maps ids to log p."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None = None
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "error" | "abort"
+    stop_reason: int | str | None = None  # the stop string or stop token id that ended it
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What LLM.generate returns per prompt, in input order."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    num_cached_tokens: int = 0
+    finished: bool = False
+    error: str | None = None  # set when the request could not be served (too long, bad ids…)
+    metrics: RequestMetrics | None = None

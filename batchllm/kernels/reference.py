@@ -1,0 +1,99 @@
+"""Plain-torch references of every kernel: the CPU path, and the truth the Triton kernels are tested against.
+
+Layouts shared by all backends:
+  q: [T, H, D]; k, v: [T, Hkv, D] for the step's T flattened tokens.
+  k_cache, v_cache: [num_blocks, block_size, Hkv, D] (one pair per layer).
+  slot_mapping: [T] int64, block_id * block_size + offset; a negative slot is skipped (padding).
+  block_tables: [B, max_blocks] int32 (unused entries are arbitrary); seq_lens: [B] int32, the
+  context length of each request *including* this step's tokens; query_start_loc: [B + 1] int32,
+  cumulative query lengths. Request b's queries sit at positions seq_len - q_len .. seq_len - 1 and
+  attend causally to every key at a position <= their own.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store each token's K and V at its slot of the paged cache (in place)."""
+    num_blocks, block_size = k_cache.shape[:2]
+    valid = slot_mapping >= 0
+    if not bool(valid.all()):
+        k, v, slot_mapping = k[valid], v[valid], slot_mapping[valid]
+    k_cache.view(num_blocks * block_size, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(num_blocks * block_size, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The first seq_len tokens of one request's K (or V), [seq_len, Hkv, D]."""
+    block_size = cache.shape[1]
+    n = (seq_len + block_size - 1) // block_size
+    return cache[block_table[:n].long()].reshape(-1, *cache.shape[2:])[:seq_len]
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                    query_start_loc: torch.Tensor, scale: float,
+                    max_query_len: int, max_seq_len: int) -> torch.Tensor:
+    """Causal attention of a mixed batch (prefill chunks and decode tokens) over the paged cache.
+
+    The step's own K/V must already be written to the cache. Returns [T, H, D] in q's dtype.
+    """
+    out = torch.empty_like(q)
+    num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    for b, ctx in enumerate(lens):
+        s, e = starts[b], starts[b + 1]
+        if e == s:
+            continue
+        qb = q[s:e].transpose(0, 1)  # [H, q, D]
+        kb = gather_kv(k_cache, block_tables[b], ctx).to(q.dtype).transpose(0, 1)  # [Hkv, ctx, D]
+        vb = gather_kv(v_cache, block_tables[b], ctx).to(q.dtype).transpose(0, 1)
+        if group > 1:
+            kb = kb.repeat_interleave(group, dim=0)
+            vb = vb.repeat_interleave(group, dim=0)
+        q_len = e - s
+        q_pos = torch.arange(ctx - q_len, ctx, device=q.device)
+        mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]  # [q, ctx]
+        ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
+        out[s:e] = ob.transpose(0, 1)
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32, returned in x's dtype."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float()).to(x.dtype)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual): the pre-norm block's add-then-normalize."""
+    new_residual = x + residual
+    return rms_norm(new_residual, weight, eps), new_residual
+
+
+def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                     cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half (NeoX / HF Llama) rotary embedding. cos_sin_cache: [max_pos, D] = cat(cos, sin)
+    over D/2 frequencies each, float32. Returns new q, k in their dtypes."""
+    cos, sin = cos_sin_cache[positions.long()].chunk(2, dim=-1)  # [T, D/2] each
+    cos, sin = cos[:, None, :], sin[:, None, :]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        x1, x2 = xf.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+    return rotate(q), rotate(k)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for x = cat(gate, up) along the last dim."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
