@@ -1,0 +1,105 @@
+"""Tiny random Hugging Face model folders (config, safetensors, local fast tokenizer) for tests.
+
+`make_tiny_model_dir(path, family)` writes a folder that both HF transformers and batchllm can
+load, so tests can compare the two. Nothing here touches the network.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+FAMILIES: dict[str, tuple[str, str]] = {
+    # family -> (model_type, architecture)
+    "llama": ("llama", "LlamaForCausalLM"),
+    "mistral": ("mistral", "MistralForCausalLM"),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+}
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# A few hand-picked byte-level merges so that common words become multi-byte tokens.
+_MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("Ġ", "a"), ("i", "n"), ("e", "r"),
+           ("o", "n"), ("Ġ", "s"), ("r", "e"), ("a", "t"), ("Ġ", "c"), ("e", "n")]
+
+
+def build_tokenizer():
+    """A byte-level BPE fast tokenizer over all 256 bytes plus a few merges (deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    byte_chars = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab: dict[str, int] = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for ch in byte_chars:
+        vocab[ch] = len(vocab)
+    for a, b in _MERGES:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=list(_MERGES)))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, vocab[BOS])])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+        additional_special_tokens=SPECIAL_TOKENS[3:], chat_template=CHAT_TEMPLATE)
+
+
+def tiny_config(family: str = "llama", vocab_size: int = 300, **overrides: object):
+    """The HF config of a tiny model of `family` (64 hidden, 2 layers, 4 heads / 2 KV heads)."""
+    from transformers import AutoConfig
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown tiny model family {family!r}; known: {', '.join(FAMILIES)}")
+    model_type, arch = FAMILIES[family]
+    kwargs: dict[str, object] = dict(
+        architectures=[arch], hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, intermediate_size=128, vocab_size=vocab_size,
+        max_position_embeddings=512, tie_word_embeddings=False, rms_norm_eps=1e-6,
+        rope_theta=10000.0, bos_token_id=1, eos_token_id=2, pad_token_id=0, dtype="float32",
+    )
+    if family == "mistral":
+        kwargs["sliding_window"] = None
+    kwargs.update(overrides)
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int, std: float = 0.1) -> None:
+    """Fill every parameter from a seeded generator: weights/biases ~ N(0, std), norm scales
+    ~ 1 + N(0, std). Non-trivial biases and norm scales make a wrong load visible in logits."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in sorted(model.named_parameters()):
+        noise = torch.randn(p.shape, generator=gen, dtype=torch.float32) * std
+        p.copy_(noise + 1.0 if "norm" in name else noise)
+
+
+def make_tiny_model_dir(path: str | Path, family: str = "llama", seed: int = 0,
+                        **overrides: object) -> Path:
+    """Write a tiny random HF model folder of `family` at `path` and return it.
+
+    `overrides` go into the HF config (e.g. tie_word_embeddings=True, num_hidden_layers=3).
+    Weights: the HF model class built from that config with seeded random parameters, saved as
+    model.safetensors in float32; tokenizer: the local byte-level BPE tokenizer with a chat template.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    overrides.setdefault("vocab_size", len(tokenizer))
+    config = tiny_config(family, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    randomize_(model, seed)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
