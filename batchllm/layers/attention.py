@@ -1,0 +1,38 @@
+"""Paged attention layer: writes the step's K/V into the cache, then attends over each request's blocks."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Where the step's flattened tokens live in the paged cache (see kernels/reference.py for layouts)."""
+
+    slot_mapping: torch.Tensor  # [T] int64
+    query_start_loc: torch.Tensor  # [B + 1] int32
+    seq_lens: torch.Tensor  # [B] int32, context length including this step's tokens
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    max_query_len: int
+    max_seq_len: int
+
+
+class PagedAttention(nn.Module):
+    """Attention over the paged KV cache with a pluggable kernel set (torch reference or Triton)."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, kernels: SimpleNamespace):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim ** -0.5
+        self.kernels = kernels
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        k_cache, v_cache = kv_cache
+        self.kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        return self.kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                            meta.query_start_loc, self.scale, meta.max_query_len,
+                                            meta.max_seq_len)
