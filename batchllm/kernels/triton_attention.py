@@ -1,0 +1,231 @@
+"""Triton paged attention for mixed batches (prefill chunks + decode tokens), with a split-KV path.
+
+Same signature and layouts as `reference.paged_attention`. One program owns one request, one KV
+head and a tile of that request's query tokens; its rows are (query token, query head of the KV
+head's group) pairs, so a GQA group shares each K/V tile it loads. Keys are visited in tiles of
+BLOCK_N positions through the block table, with an online softmax accumulated in float32:
+
+    keys of request b:  0 ............................ ctx-1
+    queries of b:                      ctx-q_len ..... ctx-1   (query i sees keys <= its position)
+
+Split-KV (flash-decoding): for decode-only batches with few requests and long contexts, each
+(request, KV head) pair is also split along its keys into `num_splits` programs that write an
+unnormalized partial result plus (max, sum) per row; a second kernel merges the partials.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+_MASKED = -1.0e30  # finite, so a row whose tile is fully masked never produces inf - inf
+MIN_SPLIT_TOKENS = 256  # a split shorter than this costs more in the merge than it saves
+MAX_SPLITS = 64
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, ml_ptr,
+    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, scale,
+    stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_ot, stride_oh, stride_os, stride_od,
+    stride_mlt, stride_mlh, stride_mls,
+    stride_bt,
+    num_splits,
+    GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CACHE_BLOCK: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid0 = tl.program_id(0)
+    b = tl.program_id(1)
+    kvh = tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + b)
+    q_len = tl.load(query_start_loc_ptr + b + 1) - q_start
+    ctx = tl.load(seq_lens_ptr + b)
+    if SPLIT:
+        tile = 0
+        split = pid0
+    else:
+        tile = pid0
+        split = 0
+    if tile * BLOCK_Q >= q_len:
+        return
+
+    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P
+    offs_m = tl.arange(0, BLOCK_M)
+    qi = tile * BLOCK_Q + offs_m // GROUP_P
+    hg = offs_m % GROUP_P
+    head = kvh * GROUP + hg
+    row_ok = (qi < q_len) & (hg < GROUP)
+    q_pos = ctx - q_len + qi
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    tok = (q_start + qi).to(tl.int64)
+
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    # Keys this tile can see: up to the last valid query's position (causal), within the context.
+    last_q = tl.minimum(tile * BLOCK_Q + BLOCK_Q, q_len) - 1
+    hi = tl.minimum(ctx, ctx - q_len + last_q + 1)
+    lo = 0
+    if SPLIT:
+        per_split = tl.cdiv(tl.cdiv(hi, num_splits), BLOCK_N) * BLOCK_N
+        lo = split * per_split
+        hi = tl.minimum(hi, lo + per_split)
+
+    m_i = tl.full([BLOCK_M], _MASKED, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        blk = tl.load(block_tables_ptr + b * stride_bt + offs_n // CACHE_BLOCK, mask=n_ok, other=0).to(tl.int64)
+        within = offs_n % CACHE_BLOCK
+        k = tl.load(k_cache_ptr + blk[None, :] * stride_kb + within[None, :] * stride_ks + kvh * stride_kh
+                    + offs_d[:, None] * stride_kd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q, k.to(q.dtype), input_precision="ieee")
+        else:
+            s = tl.dot(q, k.to(q.dtype))
+        s = s * scale
+        s = tl.where(n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None]), s, _MASKED)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + within[:, None] * stride_vs + kvh * stride_vh
+                    + offs_d[None, :] * stride_vd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if IEEE:
+            pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(q.dtype), v.to(q.dtype))
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    out_offs = tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od
+    if SPLIT:
+        tl.store(out_ptr + out_offs + split * stride_os, acc, mask=row_ok[:, None] & d_ok[None, :])
+        ml_offs = tok * stride_mlt + head * stride_mlh + split * stride_mls
+        tl.store(ml_ptr + ml_offs, m_i, mask=row_ok)
+        tl.store(ml_ptr + ml_offs + 1, l_i, mask=row_ok)
+    else:
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_ptr, ml_ptr, out_ptr, num_splits,
+    stride_pt, stride_ph, stride_ps, stride_pd,
+    stride_mlt, stride_mlh, stride_mls,
+    stride_ot, stride_oh, stride_od,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    s_ok = offs_s < num_splits
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    ml = ml_ptr + t * stride_mlt + h * stride_mlh + offs_s * stride_mls
+    m = tl.load(ml, mask=s_ok, other=_MASKED)
+    l = tl.load(ml + 1, mask=s_ok, other=0.0)
+    w = tl.exp(m - tl.max(m, 0))
+    w = tl.where(s_ok, w, 0.0)
+    part = tl.load(part_ptr + t * stride_pt + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :] * stride_pd,
+                   mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    out = tl.sum(part * w[:, None], 0) / tl.sum(l * w, 0)
+    tl.store(out_ptr + t * stride_ot + h * stride_oh + offs_d * stride_od,
+             out.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_len: int,
+                      num_sms: int) -> int:
+    """How many KV splits per (request, KV head): 1 unless the batch is decode-only, too small to
+    fill the GPU, and long enough that each split still covers MIN_SPLIT_TOKENS keys."""
+    programs = num_seqs * num_kv_heads
+    if max_query_len != 1 or programs >= num_sms or max_seq_len < 2 * MIN_SPLIT_TOKENS:
+        return 1
+    want = triton.cdiv(2 * num_sms, programs)  # about two waves of programs
+    return max(1, min(want, max_seq_len // MIN_SPLIT_TOKENS, MAX_SPLITS))
+
+
+def _tile_sizes(q: torch.Tensor, group_p: int, max_query_len: int) -> tuple[int, int, int, int]:
+    """(BLOCK_Q, BLOCK_N, num_warps, num_stages) for this launch."""
+    if q.device.type != "cuda":  # interpreter: small tiles keep the numpy emulation quick
+        block_m, block_n = max(16, group_p), 16
+        return max(1, block_m // group_p), block_n, 4, 1
+    if max_query_len == 1:
+        block_m = max(16, group_p)
+    else:
+        block_m = max(64, group_p)
+    block_n = 64 if q.shape[-1] <= 128 else 32
+    return max(1, block_m // group_p), block_n, 4, 2
+
+
+def paged_attention_splits(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                           query_start_loc: torch.Tensor, scale: float, max_query_len: int,
+                           num_splits: int) -> torch.Tensor:
+    """paged_attention with an explicit number of KV splits (1 = single pass, no merge)."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads, cache_block = k_cache.shape[2], k_cache.shape[1]
+    assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
+    group = num_heads // num_kv_heads
+    group_p = triton.next_power_of_2(group)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_q, block_n, warps, stages = _tile_sizes(q, group_p, max_query_len)
+    num_seqs = seq_lens.shape[0]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    split = num_splits > 1
+    if split:
+        assert max_query_len == 1, "split-KV is for decode-only batches"
+        part = torch.empty(num_tokens, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        ml = torch.empty(num_tokens, num_heads, num_splits, 2, dtype=torch.float32, device=q.device)
+        target, grid0 = part, num_splits
+    else:
+        target, ml = out, out  # ml unused
+        grid0 = triton.cdiv(max_query_len, block_q)
+    t_strides = (target.stride(0), target.stride(1), target.stride(2) if split else 0, target.stride(-1))
+    ml_strides = (ml.stride(0), ml.stride(1), ml.stride(2)) if split else (0, 0, 0)
+    _paged_attention_kernel[(grid0, num_seqs, num_kv_heads)](
+        q, k_cache, v_cache, target, ml, block_tables, seq_lens, query_start_loc, float(scale),
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *t_strides, *ml_strides,
+        block_tables.stride(0), num_splits,
+        GROUP=group, GROUP_P=group_p, BLOCK_Q=block_q, BLOCK_N=block_n, HEAD_DIM=head_dim,
+        BLOCK_D=block_d, CACHE_BLOCK=cache_block, SPLIT=split, IEEE=q.dtype == torch.float32,
+        num_warps=warps, num_stages=stages)
+    if split:
+        _merge_splits_kernel[(num_tokens, num_heads)](
+            part, ml, out, num_splits, *part.stride(), *ml_strides, *out.stride(),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits))
+    return out
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                    query_start_loc: torch.Tensor, scale: float,
+                    max_query_len: int, max_seq_len: int) -> torch.Tensor:
+    """Causal attention of a mixed batch over the paged cache (see reference.paged_attention).
+
+    max_query_len must bound every request's query length (it sizes the launch grid); max_seq_len
+    only steers the split-KV heuristic. Neither is read back from the device.
+    """
+    num_splits = 1
+    if q.device.type == "cuda":
+        num_splits = choose_num_splits(seq_lens.shape[0], k_cache.shape[2], max_query_len, max_seq_len,
+                                       _num_sms(q.device.index or 0))
+    return paged_attention_splits(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                                  scale, max_query_len, num_splits)
