@@ -1,0 +1,137 @@
+"""Request: one sample of one prompt as the scheduler sees it — tokens, progress, status, hashes.
+
+Token regions of a request (prompt and outputs are one sequence to the scheduler):
+
+    |<------------------------ num_tokens ------------------------>|
+    |<------- prompt_token_ids ------->|<--- output_token_ids ---->|
+    |<---- num_computed_tokens ---->|  (K/V in the cache)          |
+
+Each step the scheduler catches num_computed_tokens up towards num_tokens; a step whose chunk
+reaches num_tokens samples one more output token.
+"""
+from __future__ import annotations
+
+import enum
+
+from batchllm.core.outputs import RequestMetrics
+from batchllm.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    SWAPPED = "swapped"
+    FINISHED_STOPPED = "finished_stopped"
+    FINISHED_LENGTH = "finished_length"
+    FINISHED_ABORTED = "finished_aborted"
+    FINISHED_ERROR = "finished_error"
+
+    @property
+    def is_finished(self) -> bool:
+        return self in _FINISH_REASONS
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
+}
+
+
+def finish_reason_of(status: RequestStatus) -> str | None:
+    """The user-facing finish reason ("stop" | "length" | "abort" | "error") of a status."""
+    return _FINISH_REASONS.get(status)
+
+
+def hash_block(parent_hash: int | None, token_ids: tuple[int, ...], extra_keys: tuple) -> int:
+    """Hash of one full block, chained over its parent's hash (stable within a process)."""
+    return hash((parent_hash, token_ids, extra_keys))
+
+
+class Request:
+    """Mutable per-request state owned by the scheduler (the runner never sees this object)."""
+
+    __slots__ = ("request_id", "group_id", "sample_index", "prompt_token_ids", "output_token_ids",
+                 "all_token_ids", "sampling_params", "eos_token_id", "seed", "num_computed_tokens",
+                 "num_cached_tokens", "status", "stop_reason", "error", "metrics", "block_hashes",
+                 "priority", "was_scheduled", "num_preemptions")
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
+                 arrival_time: float, eos_token_id: int | None = None, group_id: str | None = None,
+                 sample_index: int = 0, seed: int | None = None) -> None:
+        self.request_id = request_id
+        self.group_id = group_id if group_id is not None else request_id
+        self.sample_index = sample_index
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.all_token_ids: list[int] = list(self.prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.eos_token_id = eos_token_id
+        self.seed = seed if seed is not None else sampling_params.seed
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0
+        self.status = RequestStatus.WAITING
+        self.stop_reason: int | str | None = None
+        self.error: str | None = None
+        self.metrics = RequestMetrics(arrival_time=arrival_time)
+        self.block_hashes: list[int] = []  # hashes of the full blocks seen so far (prefix cache)
+        self.priority: tuple[float, int] = (arrival_time, 0)  # lower runs first; set by scheduler
+        self.was_scheduled = False  # NewRequestData sent to the runner
+        self.num_preemptions = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    @property
+    def finish_reason(self) -> str | None:
+        return finish_reason_of(self.status)
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    def full_block_hashes(self, block_size: int, num_tokens: int | None = None) -> list[int]:
+        """Hashes of the full blocks among the first `num_tokens` tokens (extends the cache)."""
+        n_full = (self.num_tokens if num_tokens is None else num_tokens) // block_size
+        hashes = self.block_hashes
+        extra = self.sampling_params.extra_keys
+        while len(hashes) < n_full:
+            i = len(hashes)
+            parent = hashes[-1] if hashes else None
+            chunk = tuple(self.all_token_ids[i * block_size:(i + 1) * block_size])
+            hashes.append(hash_block(parent, chunk, extra))
+        return hashes[:n_full] if len(hashes) > n_full else hashes
+
+    def check_stop(self, max_model_len: int) -> RequestStatus | None:
+        """After appending a token: the finished status it causes, or None (sets stop_reason)."""
+        params = self.sampling_params
+        last = self.output_token_ids[-1]
+        if self.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and self.eos_token_id is not None and last == self.eos_token_id:
+                return RequestStatus.FINISHED_STOPPED
+            if last in params.stop_token_ids:
+                self.stop_reason = last
+                return RequestStatus.FINISHED_STOPPED
+        if params.max_tokens is not None and self.num_output_tokens >= params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if self.num_tokens >= max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, status={self.status.name}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens})")

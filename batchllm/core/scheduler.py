@@ -1,0 +1,314 @@
+"""Scheduler: each step fills a token budget with decodes first, then prefill chunks; preempts.
+
+One code path: a scheduled request gets `num_tokens - num_computed_tokens` tokens (capped by
+the budget), whether that is a whole prompt, a chunk of one, the rest after a prefix-cache hit,
+a re-prefill after preemption, or a single decode token. Queues, in the order they are served:
+
+    running (by priority) -> swapped (front first) -> waiting (front first, FIFO)
+
+Swapped and waiting requests are only admitted in a step that preempted nobody. The samples of
+an `n > 1` prompt share its K/V: see `groups.py`.
+"""
+from __future__ import annotations
+
+import bisect
+import time
+from collections import OrderedDict
+from typing import Iterable
+
+from batchllm.config import CacheConfig, SchedulerConfig
+from batchllm.core.groups import SampleGroups
+from batchllm.core.kv_cache_manager import KVCacheManager, cdiv
+from batchllm.core.outputs import NewRequestData, RunnerOutput, ScheduledChunk, SchedulerOutput
+from batchllm.core.request import Request, RequestStatus
+from batchllm.core.swap import CpuBlockPool
+
+
+def _priority(r: Request) -> tuple[float, int]:
+    return r.priority
+
+
+class Scheduler:
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
+                 num_gpu_blocks: int, num_cpu_blocks: int, max_model_len: int) -> None:
+        self.config = scheduler_config
+        self.block_size = cache_config.block_size
+        self.kv = KVCacheManager(num_gpu_blocks, self.block_size, cache_config.enable_prefix_caching)
+        self.cpu = CpuBlockPool(num_cpu_blocks)
+        # A request can always run alone: no request may outgrow the whole cache.
+        self.max_model_len = min(max_model_len, num_gpu_blocks * self.block_size)
+        self._model_max_len = max_model_len
+        self.requests: dict[str, Request] = {}  # every unfinished request
+        self.running: list[Request] = []  # sorted by priority; the last is preempted first
+        self.waiting: OrderedDict[str, Request] = OrderedDict()
+        self.swapped: OrderedDict[str, Request] = OrderedDict()
+        self.groups = SampleGroups()
+        self._running_dirty = False
+        self._finished: list[Request] = []  # returned by the next update()
+        self._finished_ids: list[str] = []  # told to the runner by the next plan
+        self._seq = 0
+        self.num_preemptions = self.num_swapped_out = 0
+        self.prefix_cache_queries = self.prefix_cache_hits = 0
+
+    # ------------------------------------------------------------------ requests in / out
+    def add_request(self, request: Request) -> None:
+        rid = request.request_id
+        if rid in self.requests:
+            raise ValueError(f"request id {rid!r} is already in the scheduler; ids must be unique")
+        self._seq += 1
+        request.priority = (request.metrics.arrival_time, self._seq)
+        self.requests[rid] = request
+        problem = self._admission_problem(request)
+        if problem is not None:
+            request.error = problem
+            self._finish(request, RequestStatus.FINISHED_ERROR)
+            return
+        request.status = RequestStatus.WAITING
+        self.waiting[rid] = request
+        self.groups.on_add(request)
+
+    def _admission_problem(self, request: Request) -> str | None:
+        n = request.num_prompt_tokens
+        if n == 0:
+            return f"request {request.request_id!r}: the prompt is empty (0 tokens)"
+        if n > self._model_max_len:
+            return (f"request {request.request_id!r}: prompt has {n} tokens, more than "
+                    f"max_model_len={self._model_max_len}; shorten it or raise max_model_len")
+        if n > self.max_model_len:
+            return (f"request {request.request_id!r}: prompt has {n} tokens but the KV cache holds "
+                    f"only {self.max_model_len}; raise gpu_memory_utilization or use a smaller "
+                    "model")
+        return None
+
+    def finish_requests(self, request_ids: Iterable[str] | str, status: RequestStatus,
+                        stop_reason: int | str | None = None) -> None:
+        """Finish requests now (stop strings, aborts) and free their blocks; unknown ids are ignored."""
+        assert status.is_finished, f"{status} is not a finished status"
+        for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
+            req = self.requests.get(rid)
+            if req is not None:
+                req.stop_reason = stop_reason
+                self._finish(req, status)
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        rid = req.request_id
+        if req.status == RequestStatus.RUNNING:
+            self._running_dirty = True
+        self.waiting.pop(rid, None)
+        self.swapped.pop(rid, None)
+        self.kv.free(req)
+        self.cpu.free(rid)
+        self.groups.on_finish(req)
+        req.status = status
+        req.metrics.finished_time = time.time()
+        if req.was_scheduled:
+            self._finished_ids.append(rid)
+        self._finished.append(req)
+        del self.requests[rid]
+
+    def has_unfinished_requests(self) -> bool:
+        """True while requests remain, or finished ones still wait to be returned by update()."""
+        return bool(self.requests) or bool(self._finished)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    @property
+    def stats(self) -> dict:
+        return {"num_preemptions": self.num_preemptions, "num_swapped_out": self.num_swapped_out,
+                "prefix_cache_queries": self.prefix_cache_queries,
+                "prefix_cache_hits": self.prefix_cache_hits, "kv_cache_usage": self.kv.pool.usage,
+                "num_running": len(self.running) - sum(r.is_finished for r in self.running),
+                "num_waiting": len(self.waiting), "num_swapped": len(self.swapped)}
+
+    # ------------------------------------------------------------------ planning
+    def schedule(self) -> SchedulerOutput:
+        if self._running_dirty:
+            self.running = [r for r in self.running if not r.is_finished]
+            self._running_dirty = False
+        plan = SchedulerOutput(finished_req_ids=self._finished_ids)
+        self._finished_ids = []
+        budget = self.config.max_num_batched_tokens
+        budget, preempted = self._schedule_running(plan, budget)
+        if not preempted:
+            budget = self._schedule_swapped(plan, budget)
+            if not self.swapped:
+                self._schedule_waiting(plan, budget)
+        return plan
+
+    def _schedule_running(self, plan: SchedulerOutput, budget: int) -> tuple[int, bool]:
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = self._num_new_tokens(req, budget)
+            if n == 0:
+                i += 1
+                continue
+            copies = self.kv.allocate_slots(req, n)
+            while copies is None:
+                victim = self.running.pop()
+                self._preempt(victim, plan)
+                preempted = True
+                if victim is req:
+                    return budget, preempted
+                copies = self.kv.allocate_slots(req, n)
+            plan.copy_blocks.extend(copies)
+            self._add_chunk(plan, req, n)
+            budget -= n
+            i += 1
+        return budget, preempted
+
+    def _schedule_swapped(self, plan: SchedulerOutput, budget: int) -> int:
+        while self.swapped and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            rid, req = next(iter(self.swapped.items()))
+            n = self._num_new_tokens(req, budget)
+            if cdiv(req.num_computed_tokens + n, self.block_size) > self.kv.num_free_blocks:
+                break
+            del self.swapped[rid]
+            gpu_ids = self.kv.adopt_blocks(req, self.cpu.num_blocks_of(rid))
+            assert gpu_ids is not None
+            plan.swap_in.extend(self.cpu.swap_in(rid, list(gpu_ids)))
+            copies = self.kv.allocate_slots(req, n)
+            assert copies == [], "a swapped-in request shares no blocks"
+            self._start_running(req)
+            self._add_chunk(plan, req, n)
+            budget -= n
+        return budget
+
+    def _schedule_waiting(self, plan: SchedulerOutput, budget: int) -> None:
+        deferred: list[Request] = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            rid, req = self.waiting.popitem(last=False)
+            action = self.groups.admission(req)
+            if action == "defer":
+                deferred.append(req)
+                continue
+            if action == "fork":
+                ok = self._fork(plan, req)
+            else:
+                ok = self._admit(plan, req, budget)
+            if not ok:
+                self._push_front(self.waiting, req)
+                break
+            budget -= len(plan.chunks[-1].token_ids)
+        for req in reversed(deferred):
+            self._push_front(self.waiting, req)
+
+    def _admit(self, plan: SchedulerOutput, req: Request, budget: int) -> bool:
+        hits, num_hit = self.kv.get_computed_blocks(req)
+        n = min(req.num_tokens - num_hit, budget)
+        n = self.groups.cap_leader_tokens(req, num_hit, n, becoming_leader=True)
+        copies = self.kv.allocate_slots(req, n, hits)
+        if copies is None:
+            return False
+        assert copies == []
+        self.prefix_cache_queries += req.num_tokens
+        self.prefix_cache_hits += num_hit
+        req.num_computed_tokens = num_hit
+        if not req.was_scheduled:
+            req.num_cached_tokens = num_hit
+        self.groups.on_admit(req)
+        self._start_running(req)
+        self._add_chunk(plan, req, n)
+        return True
+
+    def _fork(self, plan: SchedulerOutput, req: Request) -> bool:
+        """Admit a fresh sample by sharing its group leader's blocks for prompt[:-1]."""
+        leader = self.groups.leader_of(req)
+        shared = req.num_prompt_tokens - 1
+        self.kv.fork(leader, req, shared)
+        req.num_computed_tokens = shared
+        copies = self.kv.allocate_slots(req, req.num_tokens - shared)
+        if copies is None:
+            self.kv.free(req)
+            req.num_computed_tokens = 0
+            return False
+        plan.copy_blocks.extend(copies)
+        req.num_cached_tokens = shared
+        self.groups.on_admit(req)
+        self._start_running(req)
+        self._add_chunk(plan, req, req.num_tokens - shared)
+        return True
+
+    def _num_new_tokens(self, req: Request, budget: int) -> int:
+        n = min(req.num_tokens - req.num_computed_tokens, budget)
+        return self.groups.cap_leader_tokens(req, req.num_computed_tokens, n)
+
+    def _start_running(self, req: Request) -> None:
+        req.status = RequestStatus.RUNNING
+        bisect.insort(self.running, req, key=_priority)
+
+    def _add_chunk(self, plan: SchedulerOutput, req: Request, n: int) -> None:
+        start = req.num_computed_tokens
+        rid = req.request_id
+        plan.chunks.append(ScheduledChunk(rid, req.all_token_ids[start:start + n], start,
+                                          list(self.kv.block_ids(rid)), start + n == req.num_tokens))
+        if not req.was_scheduled:
+            req.was_scheduled = True
+            req.metrics.first_scheduled_time = time.time()
+            plan.new_requests.append(NewRequestData(rid, req.prompt_token_ids, req.sampling_params,
+                                                    req.seed))
+
+    def _preempt(self, victim: Request, plan: SchedulerOutput) -> None:
+        """Swap the victim out (swap / long requests in auto) or free it to recompute later."""
+        rid = victim.request_id
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        self.groups.on_preempt(victim)
+        plan.preempted_req_ids.append(rid)
+        mode = self.config.preemption_mode
+        if mode == "swap" or (mode == "auto" and
+                              victim.num_computed_tokens >= self.config.swap_threshold_tokens):
+            copies = self.cpu.swap_out(rid, self.kv.block_ids(rid))
+            if copies is not None:
+                plan.swap_out.extend(copies)
+                self.kv.free(victim)
+                victim.status = RequestStatus.SWAPPED
+                self._push_front(self.swapped, victim)
+                self.num_swapped_out += 1
+                return
+        self.kv.free(victim)
+        victim.num_computed_tokens = 0
+        victim.status = RequestStatus.WAITING
+        self._push_front(self.waiting, victim)
+
+    @staticmethod
+    def _push_front(queue: OrderedDict[str, Request], req: Request) -> None:
+        queue[req.request_id] = req
+        queue.move_to_end(req.request_id, last=False)
+
+    # ------------------------------------------------------------------ results
+    def update(self, plan: SchedulerOutput, output: RunnerOutput) -> list[Request]:
+        """Apply a step's results: advance progress, append tokens, finish what stopped."""
+        sampled = dict(zip(output.req_ids, output.sampled_token_ids))
+        now = time.time()
+        for chunk in plan.chunks:
+            req = self.requests.get(chunk.req_id)
+            if req is None or req.status != RequestStatus.RUNNING:
+                continue  # finished or aborted since the plan was made
+            req.num_computed_tokens = chunk.num_computed_tokens + len(chunk.token_ids)
+            self.kv.cache_computed_blocks(req)
+            if chunk.req_id in output.errors:
+                req.error = output.errors[chunk.req_id]
+                self._finish(req, RequestStatus.FINISHED_ERROR)
+                continue
+            if not chunk.sample:
+                continue
+            if chunk.req_id not in sampled:
+                req.error = f"request {chunk.req_id!r}: the runner returned no sampled token"
+                self._finish(req, RequestStatus.FINISHED_ERROR)
+                continue
+            req.append_output_token(int(sampled[chunk.req_id]))
+            if req.metrics.first_token_time is None:
+                req.metrics.first_token_time = now
+            status = req.check_stop(self.max_model_len)
+            if status is not None:
+                self._finish(req, status)
+        for rid, message in output.errors.items():
+            req = self.requests.get(rid)
+            if req is not None:
+                req.error = message
+                self._finish(req, RequestStatus.FINISHED_ERROR)
+        finished, self._finished = self._finished, []
+        return finished
