@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-_MASKED = -1.0e30  # finite, so a row whose tile is fully masked never produces inf - inf
+_MASKED = tl.constexpr(-1.0e30)  # finite, so a row whose tile is fully masked never produces inf - inf
 MIN_SPLIT_TOKENS = 256  # a split shorter than this costs more in the merge than it saves
 MAX_SPLITS = 64
 
