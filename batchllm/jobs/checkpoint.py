@@ -1,0 +1,205 @@
+"""The output folder as the truth: job fingerprint, committed chunks, lock, leftovers.
+
+Layout of output.path:
+    job.json            fingerprint + the details it was made from + the shard list
+    .lock               held (fcntl.flock) while a run is writing
+    chunks/unit-NNNNNN-chunk-NNNNN[-last].arrow   committed rows, each file atomic
+    summary.json        figures of the committed rows and of the last run
+    final/              after finalize: one file per input shard, in input order
+Resume trusts only the committed chunk files.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from batchllm.io.readers import Shard
+from batchllm.io.writers import WriteFailed, read_arrow, remove_temp_files, write_text_atomic
+from batchllm.jobs.errors import OutputFolderError
+from batchllm.jobs.plan import WorkUnit, parse_chunk_name
+from batchllm.jobs.spec import OUTPUT_AFFECTING_ENGINE_KEYS, JobSpec
+
+JOB_FILE = "job.json"
+CHUNKS = "chunks"
+FINAL = "final"
+SUMMARY = "summary.json"
+LOCK = ".lock"
+
+
+def job_details(spec: JobSpec, shards: list[Shard]) -> dict[str, Any]:
+    """What makes two runs the same job: model, inputs (size/mtime/rows), columns, sampling, ..."""
+    inp = spec.input
+    return {
+        "model": spec.model,
+        "tokenizer": spec.tokenizer,
+        "inputs": [{"file": s.name, "format": s.format, "rows": s.num_rows, "size": s.size,
+                    "mtime_ns": s.mtime_ns, "content": s.content_hash} for s in shards],
+        "columns": {"prompt": inp.prompt_column, "messages": inp.messages_column,
+                    "token_ids": inp.token_ids_column, "id": inp.id_column,
+                    "system_prompt": inp.system_prompt},
+        "output": {"keep_columns": list(spec.output.keep_columns),
+                   "unit_rows": spec.output.unit_rows},
+        "sampling": {k: v for k, v in sorted(spec.sampling.items())},
+        "engine": {k: spec.engine[k] for k in OUTPUT_AFFECTING_ENGINE_KEYS if k in spec.engine},
+        "limits": {"prompt_too_long": spec.limits.prompt_too_long},
+    }
+
+
+def fingerprint(details: dict[str, Any]) -> str:
+    blob = json.dumps(details, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
+def describe_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
+    """The first difference between two detail dicts, in words."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                return describe_difference(old.get(key), new.get(key), f"{prefix}{key}.")
+    if isinstance(old, list) and isinstance(new, list) and prefix == "inputs.":
+        if len(old) != len(new):
+            return f"the input has {len(new)} shard(s), the folder's job had {len(old)}"
+        for o, n in zip(old, new):
+            if o != n:
+                what = [k for k in ("file", "rows", "size", "mtime_ns", "content")
+                        if o.get(k) != n.get(k)]
+                return (f"input shard {o.get('file')} changed ({', '.join(what)}: "
+                        + "; ".join(f"{o.get(k)} -> {n.get(k)}" for k in what) + ")")
+    return f"{prefix.rstrip('.')}: {old!r} -> {new!r}"
+
+
+def claim_folder(folder: Path, details: dict[str, Any], shards: list[Shard], *,
+                 overwrite: bool, output_format: str = "arrow") -> bool:
+    """Record this job in `folder` or check it is the job already there; True if resuming."""
+    job_file = folder / JOB_FILE
+    fp = fingerprint(details)
+    if job_file.exists() and not overwrite:
+        try:
+            old = json.loads(job_file.read_text())
+        except (OSError, ValueError) as e:
+            raise OutputFolderError(f"{job_file}: unreadable ({e}); use --overwrite to start over"
+                                    ) from None
+        if old.get("fingerprint") != fp:
+            why = describe_difference(old.get("details", {}), details)
+            raise OutputFolderError(
+                f"output folder {folder} holds a different job ({why}). Use another output.path, "
+                "or --overwrite to discard its results and start again.")
+        return any((folder / CHUNKS).glob("*.arrow"))
+    if overwrite:
+        for name in (CHUNKS, FINAL):
+            shutil.rmtree(folder / name, ignore_errors=True)
+        for name in (JOB_FILE, SUMMARY):
+            (folder / name).unlink(missing_ok=True)
+    (folder / CHUNKS).mkdir(parents=True, exist_ok=True)
+    record = {"fingerprint": fp, "details": details, "output_format": output_format,
+              "shards": [{"name": s.name, "rows": s.num_rows} for s in shards]}
+    try:
+        write_text_atomic(job_file, json.dumps(record, indent=2, default=str))
+    except WriteFailed as e:
+        raise OutputFolderError(str(e)) from None
+    return False
+
+
+def read_job_record(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / JOB_FILE).read_text())
+    except FileNotFoundError:
+        raise OutputFolderError(f"{folder} is not a batchllm output folder (no {JOB_FILE})") from None
+    except (OSError, ValueError) as e:
+        raise OutputFolderError(f"{folder / JOB_FILE}: unreadable: {e}") from None
+
+
+@dataclass(slots=True)
+class UnitState:
+    """What is committed for one unit."""
+
+    done_rows: set[int] = field(default_factory=set)
+    files: list[Path] = field(default_factory=list)
+    next_chunk: int = 0
+    complete: bool = False
+
+
+@dataclass(slots=True)
+class Committed:
+    units: dict[int, UnitState]
+    corrupt: list[Path]
+
+    def rows_done(self, units: list[WorkUnit]) -> int:
+        return sum(u.num_rows if self.units[u.index].complete else len(self.units[u.index].done_rows)
+                   for u in units)
+
+
+def scan_committed(folder: Path, units: list[WorkUnit], *, read_ids: bool = True) -> Committed:
+    """Read chunk names (and `input_row` only for incomplete units); set corrupt chunks aside."""
+    states = {u.index: UnitState() for u in units}
+    corrupt: list[Path] = []
+    chunk_dir = folder / CHUNKS
+    for path in sorted(chunk_dir.glob("*.arrow")) if chunk_dir.exists() else []:
+        parsed = parse_chunk_name(path.name)
+        if parsed is None or parsed[0] not in states:
+            continue
+        unit, chunk, last = parsed
+        st = states[unit]
+        try:
+            rows = read_arrow(path, ["input_row"]).column(0).to_pylist()
+        except (pa.ArrowInvalid, OSError, KeyError) as e:
+            corrupt.append(path)
+            path.rename(path.with_name(path.name + f".corrupt-{os.getpid()}"))
+            continue
+        st.files.append(path)
+        st.next_chunk = max(st.next_chunk, chunk + 1)
+        st.complete = st.complete or last
+        if read_ids:
+            st.done_rows.update(rows)
+    for u in units:
+        st = states[u.index]
+        if not st.complete and len(st.done_rows) >= u.num_rows:
+            st.complete = True
+    return Committed(states, corrupt)
+
+
+class FolderLock:
+    """An exclusive fcntl.flock on output.path/.lock: a second run on the folder is refused."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._fd: int | None = None
+
+    def __enter__(self) -> "FolderLock":
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OutputFolderError(f"cannot use output folder {self.folder}: {e.strerror or e} "
+                                    "(check that it is writable, or choose another output.path)"
+                                    ) from None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._fd)
+            self._fd = None
+            raise OutputFolderError(f"output folder {self.folder} is in use by another batchllm run "
+                                    "(its lock is held); wait for it to finish or stop it first"
+                                    ) from None
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, str(os.getpid()).encode())
+        remove_temp_files(self.folder)
+        if (self.folder / CHUNKS).exists():
+            remove_temp_files(self.folder / CHUNKS)
+        if (self.folder / FINAL).exists():
+            remove_temp_files(self.folder / FINAL)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None

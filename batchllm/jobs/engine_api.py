@@ -1,0 +1,35 @@
+"""The engine as the job runner sees it (batchllm.engine.LLMEngine honours this), and its factory."""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from batchllm.core.outputs import RequestOutput
+from batchllm.jobs.preprocess import TokenizerLike
+from batchllm.jobs.spec import JobSpec
+from batchllm.sampling_params import SamplingParams
+
+
+class EngineLike(Protocol):
+    tokenizer: TokenizerLike | None
+    max_model_len: int
+
+    def add_request(self, request_id: str, prompt: str | list[int], sampling_params: SamplingParams,
+                    arrival_time: float | None = None) -> None: ...
+
+    def step(self) -> list[RequestOutput]: ...
+
+    def has_unfinished_requests(self) -> bool: ...
+
+    def get_num_unfinished_requests(self) -> int: ...
+
+    def abort_request(self, request_id: str) -> None: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+def build_engine(spec: JobSpec) -> EngineLike:
+    """Load the job's model into a streaming engine (the only place jobs/ imports the engine)."""
+    from batchllm.engine import LLM
+
+    llm = LLM(spec.model, tokenizer=spec.tokenizer, **spec.engine)
+    return llm.engine

@@ -1,0 +1,211 @@
+"""The streaming loop: rows in with backpressure, finished rows out, committed in atomic chunks.
+
+    read rows ─► prepare ─► engine.add_request   (while in flight < ~3 × max_num_seqs)
+    engine.step() ─► output rows ─► unit buffers ─► chunk files (every chunk_rows rows, every
+                                                   commit_interval_s, and when a unit completes)
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pyarrow as pa
+
+from batchllm.core.outputs import RequestOutput
+from batchllm.io.readers import InputRow, Shard, iter_rows
+from batchllm.io.schema import rows_to_table
+from batchllm.io.writers import WriteFailed, write_arrow_atomic
+from batchllm.jobs.checkpoint import CHUNKS, Committed
+from batchllm.jobs.engine_api import EngineLike
+from batchllm.jobs.errors import JobInterrupted, OutputWriteError
+from batchllm.jobs.plan import WorkUnit, chunk_name
+from batchllm.jobs.preprocess import Prepared, Preprocessor
+from batchllm.jobs.records import output_rows
+
+IN_FLIGHT_PER_SEQ = 3  # requests kept in the engine per max_num_seqs slot
+
+
+@dataclass(slots=True)
+class StopSignal:
+    """Set by a signal handler (or a test); the loop stops admitting and commits what is done."""
+
+    signum: int | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+
+@dataclass(slots=True)
+class RunFigures:
+    """What this run did (committed totals come from the chunk files, see summary.py)."""
+
+    rows: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    elapsed_s: float = 0.0
+    engine_stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _OpenUnit:
+    unit: WorkUnit
+    pending: int  # rows neither committed nor buffered yet
+    next_chunk: int
+    buffer: list[dict[str, Any]] = field(default_factory=list)
+    buffered_rows: int = 0
+    last_commit: float = field(default_factory=time.monotonic)
+
+
+class JobExecutor:
+    def __init__(self, *, shards: list[Shard], units: list[WorkUnit], committed: Committed,
+                 engine: EngineLike, prep: Preprocessor, schema: pa.Schema, folder: Path,
+                 chunk_rows: int, commit_interval_s: float, max_num_seqs: int,
+                 stop: StopSignal | None = None,
+                 on_progress: Callable[[RunFigures, int], None] | None = None) -> None:
+        self.shards, self.units, self.committed = shards, units, committed
+        self.engine, self.prep, self.schema = engine, prep, schema
+        self.chunk_dir = folder / CHUNKS
+        self.chunk_rows, self.commit_interval_s = chunk_rows, commit_interval_s
+        self.max_in_flight = max(1, IN_FLIGHT_PER_SEQ * max_num_seqs)
+        self.stop = stop or StopSignal()
+        self.on_progress = on_progress or (lambda figures, in_flight: None)
+        self.samples = prep.base_params.n > 1
+        self.top_logprobs = bool(prep.base_params.logprobs)
+        self.open: dict[int, _OpenUnit] = {}
+        self.in_flight: dict[str, Prepared] = {}
+        self.figures = RunFigures()
+
+    def run(self) -> RunFigures:
+        start = time.monotonic()
+        rows = self._pending_rows()
+        exhausted = False
+        try:
+            while True:
+                if self.stop.requested:
+                    self._interrupt()
+                admitted = 0
+                while not exhausted and len(self.in_flight) < self.max_in_flight \
+                        and admitted < self.max_in_flight:
+                    item = next(rows, None)
+                    if item is None:
+                        exhausted = True
+                        break
+                    self._admit(*item)
+                    admitted += 1
+                busy = self.engine.has_unfinished_requests()
+                if not busy and self.in_flight:
+                    raise RuntimeError(f"the engine reports no unfinished requests, but "
+                                       f"{len(self.in_flight)} are in flight")
+                if busy:
+                    for out in self.engine.step():
+                        self._finish(self.in_flight.pop(out.request_id), out)
+                self._commit_due()
+                self.figures.elapsed_s = time.monotonic() - start
+                self.on_progress(self.figures, len(self.in_flight))
+                if exhausted and not busy and not self.in_flight:
+                    break
+        except (JobInterrupted, OutputWriteError):
+            raise
+        except BaseException:
+            self._commit_all()  # keep what is finished, then let the failure through
+            raise
+        finally:
+            self.figures.elapsed_s = time.monotonic() - start
+            self.figures.engine_stats = dict(self.engine.stats())
+        assert not self.open, f"units left open: {sorted(self.open)}"
+        return self.figures
+
+    def _pending_rows(self) -> Iterator[tuple[int, InputRow]]:
+        """(unit index, row) for every row not committed yet, in plan order, one pass per shard."""
+        todo = [u for u in self.units if not self.committed.units[u.index].complete]
+        i = 0
+        while i < len(todo):
+            shard = todo[i].shard
+            group = [u for u in todo[i:] if u.shard == shard]
+            i += len(group)
+            by_row = iter(group)
+            unit = next(by_row)
+            for r in iter_rows(self.shards[shard], start=group[0].start):
+                while r.row >= unit.stop:
+                    unit = next(by_row, None)
+                    if unit is None:
+                        break
+                if unit is None:
+                    break
+                if r.row < unit.start or r.row in self.committed.units[unit.index].done_rows:
+                    continue
+                yield unit.index, r
+
+    def _open(self, unit_index: int) -> _OpenUnit:
+        ou = self.open.get(unit_index)
+        if ou is None:
+            unit = self.units[unit_index]
+            st = self.committed.units[unit_index]
+            ou = _OpenUnit(unit, unit.num_rows - len(st.done_rows), st.next_chunk)
+            self.open[unit_index] = ou
+        return ou
+
+    def _admit(self, unit_index: int, row: InputRow) -> None:
+        self._open(unit_index)
+        p = self.prep.prepare(unit_index, row)
+        if p.settled:
+            self._finish(p, None)
+            return
+        self.in_flight[p.request_id] = p
+        self.engine.add_request(p.request_id, p.prompt_ids, p.params)
+
+    def _finish(self, p: Prepared, out: RequestOutput | None) -> None:
+        ou = self.open[p.unit]
+        rows = output_rows(p, out, samples=self.samples, top_logprobs=self.top_logprobs)
+        ou.buffer.extend(rows)
+        ou.buffered_rows += 1
+        ou.pending -= 1
+        f = self.figures
+        f.rows += 1
+        f.errors += any(r.get("error") for r in rows)
+        f.prompt_tokens += rows[0].get("num_prompt_tokens") or 0
+        f.output_tokens += sum(r.get("num_output_tokens") or 0 for r in rows)
+
+    def _commit_due(self) -> None:
+        now = time.monotonic()
+        for ou in list(self.open.values()):
+            if ou.pending == 0:
+                self._commit(ou, last=True)
+            elif ou.buffered_rows >= self.chunk_rows or (
+                    ou.buffer and now - ou.last_commit >= self.commit_interval_s):
+                self._commit(ou, last=False)
+
+    def _commit(self, ou: _OpenUnit, last: bool) -> None:
+        rows = sorted(ou.buffer, key=lambda r: (r["input_row"], r.get("sample_index") or 0))
+        table = rows_to_table(rows, self.schema)
+        path = self.chunk_dir / chunk_name(ou.unit.index, ou.next_chunk, last)
+        try:
+            write_arrow_atomic(path, table)
+        except WriteFailed as e:
+            raise OutputWriteError(f"{e.strerror or e} (rows committed so far are intact)") from None
+        ou.next_chunk += 1
+        ou.buffer, ou.buffered_rows, ou.last_commit = [], 0, time.monotonic()
+        if last:
+            del self.open[ou.unit.index]
+
+    def _commit_all(self) -> None:
+        for ou in list(self.open.values()):
+            if ou.buffer or ou.pending == 0:
+                try:
+                    self._commit(ou, last=ou.pending == 0)
+                except OutputWriteError:
+                    return
+
+    def _interrupt(self) -> None:
+        for rid in list(self.in_flight):
+            self.engine.abort_request(rid)
+        self.in_flight.clear()
+        self._commit_all()
+        signum = self.stop.signum or 2
+        raise JobInterrupted(f"stopped by signal {signum}; finished rows are committed. Rerun the "
+                             "same command to resume.", signum)
+

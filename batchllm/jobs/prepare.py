@@ -1,0 +1,106 @@
+"""Pre-flight: everything that can fail a job is checked here, before any model work.
+
+Model present, input shards readable, the named columns present, output schema decided.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from batchllm.io.readers import InputError, Shard, find_input_files, input_columns, input_schema, \
+    memory_shard, open_shards
+from batchllm.io.schema import kept_fields, output_schema
+from batchllm.jobs.errors import JobInputError, JobModelError
+from batchllm.jobs.plan import WorkUnit, plan_units
+from batchllm.jobs.spec import JobSpec
+
+
+@dataclass(slots=True)
+class JobPlan:
+    spec: JobSpec
+    shards: list[Shard]
+    units: list[WorkUnit]
+    schema: pa.Schema
+
+    @property
+    def rows_total(self) -> int:
+        return sum(s.num_rows for s in self.shards)
+
+
+def check_model(model: str, where: str) -> None:
+    """The model is an existing folder / .gguf file or a known short name (nothing is fetched)."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if path.is_dir() and not (path / "config.json").exists() and not any(path.glob("*.gguf")):
+            raise JobModelError(f"{where}: model folder {model} has no config.json (nor a .gguf "
+                                "file); point `model` at a Hugging Face model folder")
+        return
+    from batchllm import hub
+
+    if hub.known_model(model) is None:
+        raise JobModelError(f"{where}: model {model!r} is not an existing file or folder, nor a "
+                            f"known short name ({', '.join(hub.short_names())})")
+
+
+def plan_job(spec: JobSpec) -> JobPlan:
+    where = spec.source or "job"
+    check_model(spec.model, where)
+    if spec.tokenizer is not None:
+        check_model(spec.tokenizer, where)
+    try:
+        if spec.input.data is not None:
+            shards = [memory_shard(spec.input.data)]
+        else:
+            shards = open_shards(find_input_files(str(spec.input.path)), spec.input.format)
+    except InputError as e:
+        raise JobInputError(f"{where}: {e}") from None
+    _check_columns(spec, shards, where)
+    _finish_openai_defaults(spec, shards)
+    try:
+        schema_in = input_schema(shards[0])
+    except (OSError, pa.ArrowInvalid) as e:
+        raise JobInputError(f"{where}: {shards[0].name}: cannot read: {e}") from None
+    params = spec.sampling_params()
+    schema = output_schema(kept_fields(schema_in, spec.output.keep_columns),
+                           top_logprobs=bool(params.logprobs), samples=params.n > 1)
+    units = plan_units([s.num_rows for s in shards], spec.output.unit_rows)
+    return JobPlan(spec, shards, units, schema)
+
+
+def _finish_openai_defaults(spec: JobSpec, shards: list[Shard]) -> None:
+    """OpenAI batch input + output: keep `url` so the output lines say chat or completion."""
+    if spec.output.format == "openai-batch" and any(s.format == "openai-batch" for s in shards):
+        if "url" not in spec.output.keep_columns:
+            spec.output.keep_columns = [*spec.output.keep_columns, "url"]
+
+
+def _check_columns(spec: JobSpec, shards: list[Shard], where: str) -> None:
+    inp = spec.input
+    for shard in shards:
+        try:
+            cols = input_columns(shard)
+        except (OSError, pa.ArrowInvalid) as e:
+            raise JobInputError(f"{where}: {shard.name}: cannot read: {e}") from None
+        if not cols:
+            continue  # empty, or every sampled line malformed: each becomes an error row
+        if shard.format == "openai-batch" and not (inp.prompt_column or inp.messages_column
+                                                   or inp.token_ids_column):
+            needed = [("input.id_column", inp.id_column)] if inp.id_column else []
+            if not ({"prompt", "messages"} & cols):
+                raise JobInputError(f"{where}: {shard.name}: OpenAI batch lines need body.messages "
+                                    "or body.prompt")
+        else:
+            prompt_key = ("input.messages_column" if inp.messages_column else
+                          "input.token_ids_column" if inp.token_ids_column else "input.prompt_column")
+            prompt_col = inp.messages_column or inp.token_ids_column or inp.prompt_column or "prompt"
+            needed = [(prompt_key, prompt_col)]
+            if inp.id_column:
+                needed.append(("input.id_column", inp.id_column))
+        needed += [("output.keep_columns", c) for c in spec.output.keep_columns
+                   if not (c == "url" and shard.format == "openai-batch")]
+        for key, col in needed:
+            if col not in cols:
+                raise JobInputError(f"{where}: {shard.name} has no column {col!r} (named by {key}); "
+                                    f"its columns: {', '.join(sorted(cols))}")

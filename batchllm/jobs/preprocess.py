@@ -1,0 +1,177 @@
+"""Input row -> engine request: prompt from its column, chat template, per-row overrides, length policy.
+
+Row-level problems never raise: they come back as a Prepared with `error` set (or `skipped`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from batchllm.io.readers import InputRow, Shard
+from batchllm.io.schema import kept_name
+from batchllm.jobs.spec import JobSpec
+from batchllm.sampling_params import SamplingParams, SamplingParamsError
+
+ROW_OVERRIDES = ("max_tokens", "temperature", "top_p", "seed", "stop")
+
+
+class TokenizerLike(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            system_prompt: str | None = None) -> list[int]: ...
+
+
+@dataclass(slots=True)
+class Prepared:
+    """One input row, ready for the engine (prompt_ids + params) or already settled (error/skipped)."""
+
+    unit: int
+    shard: int
+    row: int
+    row_id: str
+    input_file: str
+    kept: dict[str, Any] = field(default_factory=dict)
+    prompt_ids: list[int] | None = None
+    params: SamplingParams | None = None
+    error: str | None = None
+    skipped: bool = False
+
+    @property
+    def request_id(self) -> str:
+        return f"{self.unit}:{self.row}"
+
+    @property
+    def settled(self) -> bool:
+        return self.error is not None or self.skipped
+
+
+@dataclass(slots=True)
+class Preprocessor:
+    spec: JobSpec
+    shards: list[Shard]
+    tokenizer: TokenizerLike | None
+    max_model_len: int
+    base_params: SamplingParams
+    id_column: str | None
+    kind: str  # prompt | messages | token_ids | openai (prompt or messages, per row)
+    column: str
+
+    @classmethod
+    def for_job(cls, spec: JobSpec, shards: list[Shard], tokenizer: TokenizerLike | None,
+                max_model_len: int) -> "Preprocessor":
+        inp = spec.input
+        openai = any(s.format == "openai-batch" for s in shards)
+        if openai and not (inp.prompt_column or inp.messages_column or inp.token_ids_column):
+            kind, column = "openai", ""
+        elif inp.messages_column:
+            kind, column = "messages", inp.messages_column
+        elif inp.token_ids_column:
+            kind, column = "token_ids", inp.token_ids_column
+        else:
+            kind, column = "prompt", inp.prompt_column or "prompt"
+        id_column = inp.id_column or ("custom_id" if openai else None)
+        return cls(spec, shards, tokenizer, max_model_len, spec.sampling_params(), id_column, kind,
+                   column)
+
+    def prepare(self, unit: int, r: InputRow) -> Prepared:
+        shard = self.shards[r.shard]
+        data = r.data or {}
+        p = Prepared(unit=unit, shard=r.shard, row=r.row, input_file=shard.name,
+                     row_id=self._row_id(shard, r.row, data),
+                     kept={kept_name(c): data.get(c) for c in self.spec.output.keep_columns})
+        if r.error is not None:
+            p.error = r.error
+            return p
+        try:
+            p.params = self._params(data)
+        except (SamplingParamsError, TypeError, ValueError) as e:
+            p.error = f"row {r.row} of {shard.name}: invalid per-row parameter: {e}"
+            return p
+        try:
+            ids = self._prompt_ids(data)
+        except _RowError as e:
+            p.error = f"row {r.row} of {shard.name}: {e}"
+            return p
+        except Exception as e:  # a tokenizer / chat-template failure on this row's content
+            p.error = f"row {r.row} of {shard.name}: could not tokenize the prompt: {e}"
+            return p
+        limit = self.max_model_len - 1  # room for at least one output token
+        if len(ids) > limit:
+            policy = self.spec.limits.prompt_too_long
+            if policy == "truncate_left":
+                ids = ids[-limit:]
+            elif policy == "skip":
+                p.skipped = True
+                return p
+            else:
+                p.error = (f"row {r.row} of {shard.name}: prompt too long: {len(ids)} tokens, the "
+                           f"model takes at most {limit} (max_model_len {self.max_model_len} - 1); "
+                           "set limits.prompt_too_long to truncate_left or skip")
+                return p
+        p.prompt_ids = ids
+        return p
+
+    def _row_id(self, shard: Shard, row: int, data: dict[str, Any]) -> str:
+        if self.id_column is not None and data.get(self.id_column) is not None:
+            return str(data[self.id_column])
+        stem = Path(shard.name).stem if shard.path is not None else "input"
+        return f"{stem}-{row}"
+
+    def _params(self, data: dict[str, Any]) -> SamplingParams:
+        overrides = {k: data[k] for k in ROW_OVERRIDES if data.get(k) is not None}
+        if not overrides:
+            return self.base_params
+        return self.base_params.with_overrides(**overrides)
+
+    def _prompt_ids(self, data: dict[str, Any]) -> list[int]:
+        kind, column = self.kind, self.column
+        if kind == "openai":
+            kind, column = ("messages", "messages") if "messages" in data else ("prompt", "prompt")
+        value = data.get(column)
+        if kind == "token_ids":
+            if not isinstance(value, (list, tuple)) or not value:
+                raise _RowError(f"empty or null token ids in column {column!r}")
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+                raise _RowError(f"column {column!r} must hold a list of integer token ids")
+            return list(value)
+        if self.tokenizer is None:
+            raise _RowError("the engine has no tokenizer; give token ids (input.token_ids_column)")
+        system = self.spec.input.system_prompt
+        if kind == "messages":
+            messages = _messages(value, column)
+            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                           system_prompt=system))
+        if not isinstance(value, str) or not value.strip():
+            raise _RowError(f"empty or null prompt in column {column!r}")
+        if system:
+            return list(self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": value}], add_generation_prompt=True,
+                system_prompt=system))
+        return list(self.tokenizer.encode(value))
+
+
+class _RowError(ValueError):
+    pass
+
+
+def _messages(value: Any, column: str) -> list[dict[str, Any]]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise _RowError(f"column {column!r} holds a string that is not a JSON list of "
+                            "messages") from None
+    if not isinstance(value, (list, tuple)) or not value:
+        raise _RowError(f"empty or null messages in column {column!r}")
+    out = []
+    for m in value:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(
+                m.get("content"), str):
+            raise _RowError(f"column {column!r}: each message needs a string role and content")
+        out.append({"role": m["role"], "content": m["content"]})
+    if not any(m["content"].strip() for m in out):
+        raise _RowError(f"column {column!r}: every message is empty")
+    return out

@@ -1,0 +1,70 @@
+"""summary.json: totals over the committed chunks (the truth) plus the last run's speed figures."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow.compute as pc
+
+from batchllm.io.writers import read_arrow, write_text_atomic
+from batchllm.jobs.checkpoint import CHUNKS, SUMMARY
+from batchllm.jobs.executor import RunFigures
+
+_COLUMNS = ("error", "finish_reason", "num_prompt_tokens", "num_output_tokens", "num_cached_tokens")
+
+
+def committed_totals(folder: Path) -> dict[str, int]:
+    """Rows, errors and tokens over every committed chunk (one input row may have n sample rows)."""
+    t = {"rows": 0, "output_rows": 0, "errors": 0, "skipped": 0, "prompt_tokens": 0,
+         "output_tokens": 0, "cached_tokens": 0}
+    for path in sorted((folder / CHUNKS).glob("*.arrow")):
+        table = read_arrow(path)
+        first = (pc.equal(table["sample_index"], 0) if "sample_index" in table.column_names
+                 else None)
+        per_row = table.filter(first) if first is not None else table
+        t["rows"] += per_row.num_rows
+        t["output_rows"] += table.num_rows
+        t["errors"] += per_row.num_rows - per_row["error"].null_count
+        t["skipped"] += pc.sum(pc.equal(per_row["finish_reason"], "skipped")).as_py() or 0
+        t["prompt_tokens"] += pc.sum(per_row["num_prompt_tokens"]).as_py() or 0
+        t["output_tokens"] += pc.sum(table["num_output_tokens"]).as_py() or 0
+        t["cached_tokens"] += pc.sum(per_row["num_cached_tokens"]).as_py() or 0
+    return t
+
+
+def build_summary(folder: Path, rows_total: int, run: RunFigures, previous: dict[str, Any] | None,
+                  status: str) -> dict[str, Any]:
+    totals = committed_totals(folder)
+    stats = run.engine_stats
+    queries = stats.get("prefix_cache_queries") or 0
+    elapsed = max(run.elapsed_s, 1e-9)
+    prev_elapsed = float((previous or {}).get("elapsed_s_all_runs", 0.0))
+    return {
+        "status": status,  # complete | interrupted | failed
+        "rows_total": rows_total,
+        **totals,
+        "elapsed_s": round(run.elapsed_s, 3),
+        "elapsed_s_all_runs": round(prev_elapsed + run.elapsed_s, 3),
+        "runs": int((previous or {}).get("runs", 0)) + 1,
+        "this_run": {"rows": run.rows, "errors": run.errors, "prompt_tokens": run.prompt_tokens,
+                     "output_tokens": run.output_tokens},
+        "throughput": {"rows_per_s": round(run.rows / elapsed, 3),
+                       "output_tokens_per_s": round(run.output_tokens / elapsed, 3),
+                       "total_tokens_per_s": round((run.prompt_tokens + run.output_tokens) / elapsed,
+                                                   3)},
+        "prefix_cache_hit_rate": round((stats.get("prefix_cache_hits") or 0) / queries, 4)
+        if queries else 0.0,
+        "preemptions": int(stats.get("num_preemptions") or 0),
+    }
+
+
+def read_summary(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_summary(folder: Path, summary: dict[str, Any]) -> None:
+    write_text_atomic(folder / SUMMARY, json.dumps(summary, indent=2))
