@@ -1,0 +1,195 @@
+"""Token sampling for a batch of requests, vectorized on the device, with per-request seeds and penalties.
+
+Every row is sampled with the exponential race: argmax(p / E) with E ~ Exp(1) i.i.d. draws the
+token with probability p. A seeded request draws its E from its own generator, so its tokens do
+not depend on what else is in the batch. Greedy rows take argmax of the (penalized) logits.
+The only host sync is the one copy of the results at the end of `sample`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from batchllm.core.outputs import NewRequestData
+from batchllm.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class SamplerResult:
+    token_ids: list[int]
+    logprobs: list[float]  # log p of each sampled token under the raw logits (temperature 1)
+    top_logprobs: list[dict[int, float]] | None  # None unless some row asked for logprobs > 0
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _RequestState:
+    params: SamplingParams
+    generator: torch.Generator | None
+    min_tokens_ids: list[int]  # ids masked until min_tokens outputs (eos + stop_token_ids)
+    penalty_slot: int | None  # row in the sampler's count tables; None: no penalties
+    num_outputs: int = 0
+
+
+class Sampler:
+    """Holds per-request sampling state from add_request until remove_request."""
+
+    def __init__(self, device: torch.device | str, vocab_size: int):
+        self.device, self.vocab_size = torch.device(device), vocab_size
+        self._reqs: dict[str, _RequestState] = {}
+        # Penalty tables, one row per slot: output token counts and a prompt-token mask.
+        self._counts = torch.zeros(0, vocab_size, dtype=torch.int32, device=self.device)
+        self._prompt_mask = torch.zeros(0, vocab_size, dtype=torch.bool, device=self.device)
+        self._free_slots: list[int] = []
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._reqs)
+
+    def add_request(self, data: NewRequestData, eos_token_id: int | None) -> None:
+        """Start tracking a request; a request already tracked (re-scheduled after preemption) keeps its state."""
+        if data.req_id in self._reqs:
+            return
+        params = data.sampling_params
+        generator = None
+        if data.seed is not None:
+            generator = torch.Generator(self.device).manual_seed(data.seed)
+        masked = list(params.stop_token_ids or [])
+        if eos_token_id is not None:
+            masked.append(eos_token_id)
+        slot = None
+        if params.needs_penalties:
+            slot = self._take_slot()
+            self._counts[slot].zero_()
+            self._prompt_mask[slot].zero_()
+            if data.prompt_token_ids:
+                prompt = torch.tensor(data.prompt_token_ids, dtype=torch.long).clamp_(0, self.vocab_size - 1)
+                self._prompt_mask[slot, prompt.to(self.device)] = True
+        self._reqs[data.req_id] = _RequestState(params, generator, masked, slot)
+
+    def remove_request(self, req_id: str) -> None:
+        state = self._reqs.pop(req_id, None)
+        if state is not None and state.penalty_slot is not None:
+            self._free_slots.append(state.penalty_slot)
+
+    def _take_slot(self) -> int:
+        if not self._free_slots:
+            old = self._counts.shape[0]
+            new = max(8, 2 * old)
+            grow = (new - old, self.vocab_size)
+            self._counts = torch.cat([self._counts, self._counts.new_zeros(grow)])
+            self._prompt_mask = torch.cat([self._prompt_mask, self._prompt_mask.new_zeros(grow)])
+            self._free_slots.extend(range(new - 1, old - 1, -1))
+        return self._free_slots.pop()
+
+    def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+    @torch.no_grad()
+    def sample(self, logits: torch.Tensor, req_ids: list[str]) -> SamplerResult:
+        """One token per row of `logits` [B, V] (float32) for the requests `req_ids`, in order."""
+        states = [self._reqs[r] for r in req_ids]
+        params = [s.params for s in states]
+        logits = logits.float()
+        bad_rows = ~torch.isfinite(logits).all(dim=-1)
+        raw_logprobs = torch.log_softmax(logits, dim=-1)
+
+        logits = self._apply_penalties(logits.clone(), states)
+        self._mask_until_min_tokens(logits, states)
+        greedy_tokens = logits.argmax(dim=-1)
+        sampled = self._sample_random(logits, states, params)
+        greedy = self._tensor([p.greedy for p in params], torch.bool)
+        tokens = torch.where(greedy, greedy_tokens, sampled) if sampled is not None else greedy_tokens
+        tokens = torch.where(bad_rows, torch.zeros_like(tokens), tokens)
+        token_logprobs = raw_logprobs.gather(1, tokens[:, None])[:, 0]
+
+        self._count_outputs(tokens, states)
+        k = max((p.logprobs or 0) for p in params)
+        parts = [tokens.double()[:, None], token_logprobs.double()[:, None], bad_rows.double()[:, None]]
+        if k > 0:
+            top_vals, top_ids = raw_logprobs.topk(k, dim=-1)
+            parts += [top_vals.double(), top_ids.double()]
+        host = torch.cat(parts, dim=1).cpu()  # the one host sync of the step
+        token_ids = host[:, 0].long().tolist()
+        logprobs = host[:, 1].tolist()
+        errors = {req_ids[i]: ("NaN or infinite logits: the model produced non-finite values for "
+                               "this request, so no token could be sampled")
+                  for i in torch.nonzero(host[:, 2]).flatten().tolist()}
+        top = None
+        if k > 0:
+            vals, ids = host[:, 3:3 + k].tolist(), host[:, 3 + k:].long().tolist()
+            top = [dict(zip(ids[i][:p.logprobs or 0], vals[i][:p.logprobs or 0]))
+                   for i, p in enumerate(params)]
+        return SamplerResult(token_ids, logprobs, top, errors)
+
+    def _apply_penalties(self, logits: torch.Tensor, states: list[_RequestState]) -> torch.Tensor:
+        rows = [i for i, s in enumerate(states) if s.penalty_slot is not None]
+        if not rows:
+            return logits
+        row_idx = self._tensor(rows, torch.long)
+        slots = self._tensor([states[i].penalty_slot for i in rows], torch.long)
+        ps = [states[i].params for i in rows]
+        rep = self._tensor([p.repetition_penalty for p in ps], torch.float32)[:, None]
+        freq = self._tensor([p.frequency_penalty for p in ps], torch.float32)[:, None]
+        pres = self._tensor([p.presence_penalty for p in ps], torch.float32)[:, None]
+        counts = self._counts[slots].float()
+        seen = (counts > 0) | self._prompt_mask[slots]
+        sub = logits[row_idx]
+        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+        sub = sub - freq * counts - pres * (counts > 0).float()
+        logits[row_idx] = sub
+        return logits
+
+    def _mask_until_min_tokens(self, logits: torch.Tensor, states: list[_RequestState]) -> None:
+        rows, cols = [], []
+        for i, s in enumerate(states):
+            if s.num_outputs < s.params.min_tokens:
+                ids = [t for t in s.min_tokens_ids if 0 <= t < logits.shape[1]]
+                rows += [i] * len(ids)
+                cols += ids
+        if rows:
+            logits[self._tensor(rows, torch.long), self._tensor(cols, torch.long)] = float("-inf")
+
+    def _sample_random(self, logits: torch.Tensor, states: list[_RequestState],
+                       params: list[SamplingParams]) -> torch.Tensor | None:
+        if all(p.greedy for p in params):
+            return None
+        temps = self._tensor([1.0 if p.greedy else float(p.temperature) for p in params], torch.float32)
+        logits = logits / temps[:, None]
+        if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+            logits = self._top_k_top_p(logits, params)
+        probs = torch.softmax(logits, dim=-1)
+        if any(p.min_p > 0 for p in params):
+            min_p = self._tensor([float(p.min_p) for p in params], torch.float32)[:, None]
+            probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+        noise = torch.empty_like(probs).exponential_()
+        seeded = [i for i, s in enumerate(states) if s.generator is not None]
+        if seeded:
+            draws = [torch.empty(probs.shape[1], device=self.device).exponential_(generator=states[i].generator)
+                     for i in seeded]
+            noise[self._tensor(seeded, torch.long)] = torch.stack(draws)
+        return (probs / noise).argmax(dim=-1)
+
+    def _top_k_top_p(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        vocab = logits.shape[1]
+        top_k = self._tensor([p.top_k if p.top_k > 0 else vocab for p in params], torch.long)
+        top_p = self._tensor([float(p.top_p) for p in params], torch.float32)
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        rank = torch.arange(vocab, device=logits.device)[None, :]
+        drop = rank >= top_k[:, None]
+        probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # probability mass strictly before each token
+        drop |= before > top_p[:, None]  # keeps the smallest prefix reaching top_p (at least one)
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+    def _count_outputs(self, tokens: torch.Tensor, states: list[_RequestState]) -> None:
+        for s in states:
+            s.num_outputs += 1
+        rows = [i for i, s in enumerate(states) if s.penalty_slot is not None]
+        if rows:
+            slots = self._tensor([states[i].penalty_slot for i in rows], torch.long)
+            picked = tokens[self._tensor(rows, torch.long)]
+            self._counts.index_put_((slots, picked), torch.ones_like(picked, dtype=torch.int32),
+                                    accumulate=True)
