@@ -44,8 +44,9 @@ class KVCacheManager:
             return [], 0
         max_blocks = (request.num_tokens - 1) // self.block_size
         hits: list[KVBlock] = []
-        for h in request.full_block_hashes(self.block_size)[:max_blocks]:
-            block = self.pool.get_cached_block(h)
+        hashes = request.full_block_hashes(self.block_size)
+        for i in range(min(max_blocks, len(hashes))):
+            block = self.pool.get_cached_block(hashes[i])
             if block is None:
                 break
             hits.append(block)

@@ -105,7 +105,11 @@ class Request:
         self.all_token_ids.append(token_id)
 
     def full_block_hashes(self, block_size: int, num_tokens: int | None = None) -> list[int]:
-        """Hashes of the full blocks among the first `num_tokens` tokens (extends the cache)."""
+        """Hashes of (at least) the full blocks among the first `num_tokens` tokens.
+
+        The list is cached on the request and only ever extended (tokens are append-only), so
+        it may hold more hashes than asked for; callers index it rather than copy it.
+        """
         n_full = (self.num_tokens if num_tokens is None else num_tokens) // block_size
         hashes = self.block_hashes
         extra = self.sampling_params.extra_keys
@@ -114,7 +118,7 @@ class Request:
             parent = hashes[-1] if hashes else None
             chunk = tuple(self.all_token_ids[i * block_size:(i + 1) * block_size])
             hashes.append(hash_block(parent, chunk, extra))
-        return hashes[:n_full] if len(hashes) > n_full else hashes
+        return hashes
 
     def check_stop(self, max_model_len: int) -> RequestStatus | None:
         """After appending a token: the finished status it causes, or None (sets stop_reason)."""

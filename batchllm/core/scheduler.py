@@ -163,10 +163,12 @@ class Scheduler:
         while self.swapped and budget > 0 and len(self.running) < self.config.max_num_seqs:
             rid, req = next(iter(self.swapped.items()))
             n = self._num_new_tokens(req, budget)
-            if cdiv(req.num_computed_tokens + n, self.block_size) > self.kv.num_free_blocks:
+            num_swapped = self.cpu.num_blocks_of(rid)
+            need = max(num_swapped, cdiv(req.num_computed_tokens + n, self.block_size))
+            if need > self.kv.num_free_blocks:
                 break
             del self.swapped[rid]
-            gpu_ids = self.kv.adopt_blocks(req, self.cpu.num_blocks_of(rid))
+            gpu_ids = self.kv.adopt_blocks(req, num_swapped)
             assert gpu_ids is not None
             plan.swap_in.extend(self.cpu.swap_in(rid, list(gpu_ids)))
             copies = self.kv.allocate_slots(req, n)
