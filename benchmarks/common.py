@@ -1,0 +1,79 @@
+"""Shared benchmark plumbing: build an engine on a dummy shape, time one pass, describe the machine."""
+from __future__ import annotations
+
+import gc
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from batchllm import LLM, SamplingParams
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def machine_info() -> dict:
+    """Device, library versions and commit, for the record in RESULTS.md."""
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return dict(device=device, torch=torch.__version__, transformers=transformers.__version__,
+                commit=commit, date=time.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def make_llm(model_dir: Path, **overrides: object) -> LLM:
+    """An engine on the dummy weights of `model_dir` (bf16, no tokenizer), engine defaults otherwise."""
+    kwargs: dict = dict(dtype="bfloat16", load_format="dummy", skip_tokenizer_init=True, seed=0,
+                        max_model_len=4096)
+    kwargs.update(overrides)
+    return LLM(str(model_dir), **kwargs)
+
+
+def release() -> None:
+    """Free a dropped engine's GPU memory (call after `del llm`) before the next engine sizes
+    its KV cache from what is free."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+def timed_generate(llm: LLM, prompts: list[list[int]], output_lens: list[int]) -> tuple[float, list]:
+    """(seconds, outputs) of one pass, GPU synchronized before and after."""
+    params = [greedy(n) for n in output_lens]
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, outs
+
+
+def rates(seconds: float, num_requests: int, prompt_tokens: int, output_tokens: int) -> dict:
+    return dict(seconds=round(seconds, 3), req_per_s=round(num_requests / seconds, 2),
+                output_tok_per_s=round(output_tokens / seconds, 1),
+                total_tok_per_s=round((prompt_tokens + output_tokens) / seconds, 1))
+
+
+def count_output_tokens(outs: list) -> int:
+    return sum(len(o.outputs[0].token_ids) for o in outs)
+
+
+def write_json(path: str | None, payload: dict) -> None:
+    text = json.dumps(payload, indent=2)
+    print(text)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)

@@ -1,0 +1,119 @@
+"""Throughput of one BENCHMARKS.md workload: warm-up excluded, one timed pass, roofline ratio.
+
+Usage: python benchmarks/throughput.py --workload W-8B|W-nano|W-hf|W-prefix|W-pressure [--json OUT]
+W-prefix runs with prefix caching on and off; W-pressure caps the KV cache to 1/4 of need and
+runs every preemption mode against an unconstrained greedy run.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (count_output_tokens, greedy, machine_info, make_llm, rates,  # noqa: E402
+                               release, timed_generate, write_json)
+from benchmarks.roofline import workload_floor
+from benchmarks.shapes import shape_stats, write_model_dir  # noqa: E402
+from benchmarks.workloads import WORKLOADS, Workload, build_workload, warmup_workload  # noqa: E402
+
+COUNTERS = ("num_preemptions", "prefix_cache_queries", "prefix_cache_hits", "num_prompt_tokens",
+            "num_generated_tokens")
+
+
+def warm_up(llm, work: Workload) -> None:
+    prompts, outs = warmup_workload(work)
+    llm.generate(prompts, [greedy(n) for n in outs])
+
+
+def run_once(model_dir: Path, work: Workload, **engine_kwargs: object) -> dict:
+    """Build an engine, warm it up, time the workload; returns figures, stats delta and outputs."""
+    llm = make_llm(model_dir, **engine_kwargs)
+    warm_up(llm, work)
+    before = llm.stats()
+    seconds, outs = timed_generate(llm, work.prompts, work.output_lens)
+    after = llm.stats()
+    delta = {k: after[k] - before.get(k, 0) for k in COUNTERS if k in after}
+    errors = [o.outputs[0].finish_reason for o in outs if o.outputs[0].finish_reason == "error"]
+    result = dict(rates(seconds, len(outs), work.num_prompt_tokens, count_output_tokens(outs)),
+                  stats=delta, num_errors=len(errors), engine=engine_kwargs,
+                  kv_blocks=getattr(llm.engine, "num_blocks", None))
+    tokens = [list(o.outputs[0].token_ids) for o in outs]
+    del llm
+    release()
+    return dict(result=result, tokens=tokens)
+
+
+def with_floor(result: dict, work: Workload, cached: int = 0) -> dict:
+    floor = workload_floor(shape_stats(work.shape), [len(p) for p in work.prompts], work.output_lens,
+                           cached_prompt_tokens=cached)
+    result["floor"] = dict(seconds=round(floor.seconds, 3), compute_s=round(floor.compute_s, 3),
+                           memory_s=round(floor.memory_s, 3), est_decode_steps=floor.decode_steps)
+    result["time_over_floor"] = round(result["seconds"] / floor.seconds, 2)
+    return result
+
+
+def bench_plain(model_dir: Path, work: Workload) -> dict:
+    return with_floor(run_once(model_dir, work)["result"], work)
+
+
+def bench_prefix(model_dir: Path, work: Workload) -> dict:
+    on = run_once(model_dir, work, enable_prefix_caching=True)["result"]
+    off = run_once(model_dir, work, enable_prefix_caching=False)["result"]
+    shared = work.shared_prefix_len * len(work.prompts)
+    hits = on["stats"].get("prefix_cache_hits", 0)
+    return dict(prefix_on=with_floor(on, work, cached=hits), prefix_off=with_floor(off, work),
+                speedup_on_over_off=round(off["seconds"] / on["seconds"], 2),
+                shared_prefix_tokens=shared, prefix_cache_hit_tokens=hits,
+                shared_prefix_fraction_from_cache=round(min(hits, shared) / shared, 4))
+
+
+def _first_divergence(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def bench_pressure(model_dir: Path, work: Workload) -> dict:
+    """Unconstrained greedy run, then the KV cache capped to 1/4 of what all requests need at full
+    length, once per preemption mode; outputs must equal the unconstrained ones."""
+    base = run_once(model_dir, work)
+    block = 16
+    per_request = [-(-(len(p) + o) // block) for p, o in zip(work.prompts, work.output_lens)]
+    need = sum(per_request)
+    cap = max(need // 4, max(per_request))  # every request must still fit on its own
+    report: dict = dict(blocks_needed=need, blocks_capped=cap, unconstrained=with_floor(base["result"], work))
+    for mode in ("recompute", "swap", "auto"):
+        run = run_once(model_dir, work, num_gpu_blocks_override=cap, preemption_mode=mode)
+        same = [a == b for a, b in zip(run["tokens"], base["tokens"])]
+        diverged = [_first_divergence(a, b) for a, b, s in zip(run["tokens"], base["tokens"], same) if not s]
+        report[mode] = dict(with_floor(run["result"], work), outputs_identical=all(same),
+                            num_identical=sum(same), first_divergence_positions=diverged[:20])
+    return report
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", required=True, choices=WORKLOADS)
+    ap.add_argument("--json", default=None, help="write the figures here as JSON")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("throughput.py needs a CUDA GPU (the figures are GPU figures)")
+    work = build_workload(args.workload)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = write_model_dir(work.shape, Path(tmp))
+        if args.workload == "W-prefix":
+            figures = bench_prefix(model_dir, work)
+        elif args.workload == "W-pressure":
+            figures = bench_pressure(model_dir, work)
+        else:
+            figures = bench_plain(model_dir, work)
+    write_json(args.json, dict(workload=args.workload, shape=work.shape, num_requests=len(work.prompts),
+                               prompt_tokens=work.num_prompt_tokens, output_tokens=work.num_output_tokens,
+                               **machine_info(), figures=figures))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""The BENCHMARKS.md workloads as seeded token-id prompts with fixed output lengths."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from benchmarks.shapes import SHAPES
+
+
+@dataclass(slots=True)
+class Workload:
+    name: str
+    shape: str
+    prompts: list[list[int]]
+    output_lens: list[int]
+    shared_prefix_len: int = 0  # W-prefix: leading tokens every prompt shares
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(self.output_lens)
+
+
+WORKLOADS = ("W-8B", "W-nano", "W-hf", "W-prefix", "W-pressure")
+
+
+def _ids(rng: random.Random, n: int, vocab: int) -> list[int]:
+    # stay below the special tokens that sit at the top of the Llama / Qwen vocabularies
+    return [rng.randrange(vocab - 1024) for _ in range(n)]
+
+
+def build_workload(name: str, seed: int = 0) -> Workload:
+    """Prompts and output lengths of workload `name` (W-pressure reuses W-hf's)."""
+    rng = random.Random(seed)
+    if name == "W-8B":
+        v = SHAPES["Llama-3.1-8B"]["vocab_size"]
+        return Workload(name, "Llama-3.1-8B", [_ids(rng, 256, v) for _ in range(1000)], [256] * 1000)
+    if name == "W-nano":
+        v = SHAPES["Qwen3-0.6B"]["vocab_size"]
+        in_lens = [rng.randint(100, 1024) for _ in range(256)]
+        out_lens = [rng.randint(100, 1024) for _ in range(256)]
+        return Workload(name, "Qwen3-0.6B", [_ids(rng, n, v) for n in in_lens], out_lens)
+    if name in ("W-hf", "W-pressure"):
+        v = SHAPES["Llama-3.2-1B"]["vocab_size"]
+        prompts = [_ids(rng, rng.randint(64, 1024), v) for _ in range(512)]
+        return Workload(name, "Llama-3.2-1B", prompts, [256] * 512)
+    if name == "W-prefix":
+        v = SHAPES["Llama-3.2-1B"]["vocab_size"]
+        prefix = _ids(rng, 2048, v)
+        prompts = [prefix + _ids(rng, 64, v) for _ in range(1024)]
+        return Workload(name, "Llama-3.2-1B", prompts, [128] * 1024, shared_prefix_len=2048)
+    raise ValueError(f"unknown workload {name!r}; expected one of {', '.join(WORKLOADS)}")
+
+
+def warmup_workload(work: Workload, n: int = 64, seed: int = 12345) -> tuple[list[list[int]], list[int]]:
+    """A short run on the same shape with fresh ids (so it seeds no prefix cache the timed pass
+    could hit): n prompts of 32..256 tokens, 16 output tokens each."""
+    rng = random.Random(seed)
+    v = SHAPES[work.shape]["vocab_size"]
+    return [_ids(rng, rng.randint(32, 256), v) for _ in range(n)], [16] * n
