@@ -90,7 +90,7 @@ class BlockPool:
 
     @property
     def usage(self) -> float:
-        return 1.0 - self.num_free_blocks / self.num_blocks
+        return (self.num_blocks - self.num_free_blocks) / self.num_blocks
 
     def get_new_blocks(self, n: int) -> list[KVBlock]:
         """`n` blocks with ref count 1, evicting the least recently freed (and their hashes)."""

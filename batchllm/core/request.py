@@ -49,6 +49,20 @@ def hash_block(parent_hash: int | None, token_ids: tuple[int, ...], extra_keys: 
     return hash((parent_hash, token_ids, extra_keys))
 
 
+def admission_error(request: "Request", model_max_len: int, cache_max_len: int) -> str | None:
+    """Why a request can never run (empty, longer than the model or the whole cache), or None."""
+    n = request.num_prompt_tokens
+    if n == 0:
+        return f"request {request.request_id!r}: the prompt is empty (0 tokens)"
+    if n > model_max_len:
+        return (f"request {request.request_id!r}: prompt has {n} tokens, more than "
+                f"max_model_len={model_max_len}; shorten it or raise max_model_len")
+    if n > cache_max_len:
+        return (f"request {request.request_id!r}: prompt has {n} tokens but the KV cache holds "
+                f"only {cache_max_len}; raise gpu_memory_utilization or use a smaller model")
+    return None
+
+
 class Request:
     """Mutable per-request state owned by the scheduler (the runner never sees this object)."""
 

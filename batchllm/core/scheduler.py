@@ -20,7 +20,7 @@ from batchllm.config import CacheConfig, SchedulerConfig
 from batchllm.core.groups import SampleGroups
 from batchllm.core.kv_cache_manager import KVCacheManager, cdiv
 from batchllm.core.outputs import NewRequestData, RunnerOutput, ScheduledChunk, SchedulerOutput
-from batchllm.core.request import Request, RequestStatus
+from batchllm.core.request import Request, RequestStatus, admission_error
 from batchllm.core.swap import CpuBlockPool
 
 
@@ -58,7 +58,7 @@ class Scheduler:
         self._seq += 1
         request.priority = (request.metrics.arrival_time, self._seq)
         self.requests[rid] = request
-        problem = self._admission_problem(request)
+        problem = admission_error(request, self._model_max_len, self.max_model_len)
         if problem is not None:
             request.error = problem
             self._finish(request, RequestStatus.FINISHED_ERROR)
@@ -66,19 +66,6 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         self.waiting[rid] = request
         self.groups.on_add(request)
-
-    def _admission_problem(self, request: Request) -> str | None:
-        n = request.num_prompt_tokens
-        if n == 0:
-            return f"request {request.request_id!r}: the prompt is empty (0 tokens)"
-        if n > self._model_max_len:
-            return (f"request {request.request_id!r}: prompt has {n} tokens, more than "
-                    f"max_model_len={self._model_max_len}; shorten it or raise max_model_len")
-        if n > self.max_model_len:
-            return (f"request {request.request_id!r}: prompt has {n} tokens but the KV cache holds "
-                    f"only {self.max_model_len}; raise gpu_memory_utilization or use a smaller "
-                    "model")
-        return None
 
     def finish_requests(self, request_ids: Iterable[str] | str, status: RequestStatus,
                         stop_reason: int | str | None = None) -> None:

@@ -179,3 +179,25 @@ def test_group_with_block_aligned_prompt_needs_no_copy():
     drain(s, runner)
     for r in group:
         assert r.output_token_ids == reference_output(list(range(9)), r.seed, V, 3)
+
+
+def test_rejected_request_is_returned_by_the_next_update():
+    s, runner = make(max_model_len=8)
+    bad = req("bad", list(range(9)))
+    s.add_request(bad)
+    assert s.has_unfinished_requests() and s.get_num_unfinished_requests() == 0
+    plan, finished = step(s, runner)
+    assert plan.is_empty and finished == [bad] and not s.has_unfinished_requests()
+    assert bad.metrics.finished_time is not None and bad.metrics.first_scheduled_time is None
+
+
+def test_stats_report_usage_and_queues():
+    s, runner = make(num_gpu_blocks=10, block_size=4, max_num_seqs=1)
+    s.add_request(req("a", list(range(8)), max_tokens=4))
+    s.add_request(req("b", list(range(8)), max_tokens=4))
+    step(s, runner)
+    st = s.stats
+    assert (st["num_running"], st["num_waiting"]) == (1, 1)
+    assert abs(st["kv_cache_usage"] - 0.2) < 1e-9  # 8 prompt tokens -> 2 of 10 blocks
+    assert set(st) >= {"num_preemptions", "num_swapped_out", "prefix_cache_queries",
+                       "prefix_cache_hits"}
