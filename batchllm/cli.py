@@ -1,0 +1,155 @@
+"""The `batchllm` command: run, validate, inspect, finalize (typer app; rich output)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from batchllm.jobs.errors import JobError, JobInterrupted
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Offline batch inference for LLMs: resumable jobs over Parquet / JSONL.")
+
+
+def _fail(e: JobError) -> None:
+    typer.echo(f"error: {e}", err=True)
+    raise typer.Exit(e.exit_code)
+
+
+def _overrides(sets: list[str]) -> dict[str, Any]:
+    from batchllm.jobs.spec import parse_set
+
+    return dict(parse_set(s) for s in sets)
+
+
+class _SignalStop:
+    """First SIGINT/SIGTERM: stop admitting, commit, exit 130/143. Second: exit at once."""
+
+    def __init__(self, stop: Any) -> None:
+        self.stop = stop
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.stop.requested:
+            os._exit(128 + signum)
+        self.stop.signum = signum
+        typer.echo(f"\nstopping after signal {signum}: committing finished rows "
+                   "(send it again to exit at once)", err=True)
+
+    def __enter__(self) -> "_SignalStop":
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+@app.command()
+def run(job: Path = typer.Argument(..., help="job.yaml"),
+        resume: bool = typer.Option(True, "--resume/--overwrite",
+                                    help="continue a job in its output folder, or discard it"),
+        set_: list[str] = typer.Option([], "--set", help="override a key: --set sampling.max_tokens=8"),
+        finalize: bool = typer.Option(False, "--finalize", help="also write one file per input shard"),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress display")) -> None:
+    """Run a job (rerun the same command to resume after a crash or Ctrl-C)."""
+    from batchllm.jobs.api import run_job
+    from batchllm.jobs.executor import StopSignal
+    from batchllm.jobs.progress import NullProgress, default_progress
+
+    stop = StopSignal()
+    try:
+        with _SignalStop(stop):
+            result = run_job(job, overwrite=not resume, finalize_outputs=finalize, stop=stop,
+                             progress=NullProgress() if quiet else default_progress(),
+                             **_overrides(set_))
+    except JobInterrupted as e:
+        typer.echo(f"interrupted: {e}\nresume with: batchllm run {job}", err=True)
+        raise typer.Exit(e.exit_code)
+    except JobError as e:
+        _fail(e)
+    s = result.summary
+    typer.echo(f"done: {s['rows']} rows ({s['errors']} errors, {s['skipped']} skipped), "
+               f"{s['output_tokens']} output tokens, "
+               f"{s['throughput']['output_tokens_per_s']:.1f} tok/s -> {result.output_path}")
+    for f in result.final_files:
+        typer.echo(f"wrote {f}")
+
+
+@app.command()
+def validate(job: Path = typer.Argument(..., help="job.yaml"),
+             set_: list[str] = typer.Option([], "--set", help="override a key")) -> None:
+    """Check a job file, its model, inputs and columns without loading the model."""
+    from batchllm.jobs.api import validate_job
+
+    try:
+        plan = validate_job(job, **_overrides(set_))
+    except JobError as e:
+        _fail(e)
+    typer.echo(f"ok: {len(plan.shards)} shard(s), {plan.rows_total} rows, {len(plan.units)} "
+               f"work unit(s), model {plan.spec.model} -> {plan.spec.output.path}")
+
+
+@app.command()
+def inspect(out: Path = typer.Argument(..., help="an output folder"),
+            rows: int = typer.Option(5, help="how many rows to show")) -> None:
+    """Print a job's summary and a few output rows."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from batchllm.io.writers import read_arrow
+    from batchllm.jobs.checkpoint import CHUNKS, read_job_record
+    from batchllm.jobs.summary import read_summary
+
+    try:
+        read_job_record(out)
+    except JobError as e:
+        _fail(e)
+    console = Console()
+    summary = read_summary(out) or {}
+    t = Table(title=f"summary of {out}")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    for k, v in summary.items():
+        t.add_row(k, json.dumps(v) if isinstance(v, dict) else str(v))
+    console.print(t)
+    chunks = sorted((out / CHUNKS).glob("*.arrow"))
+    if not chunks:
+        console.print("no committed rows yet")
+        return
+    table = read_arrow(chunks[0]).slice(0, rows)
+    cols = [c for c in ("id", "input_row", "text", "finish_reason", "num_output_tokens", "error")
+            if c in table.column_names]
+    r = Table(title=f"first rows of {chunks[0].name}")
+    for c in cols:
+        r.add_column(c, overflow="fold", max_width=60 if c == "text" else None)
+    for row in table.select(cols).to_pylist():
+        r.add_row(*("" if row[c] is None else str(row[c]) for c in cols))
+    console.print(r)
+
+
+@app.command("finalize")
+def finalize_cmd(out: Path = typer.Argument(..., help="an output folder")) -> None:
+    """Write one file per input shard, rows in input order (the job must be complete)."""
+    from batchllm.jobs.finalize import finalize
+
+    try:
+        files = finalize(out)
+    except JobError as e:
+        _fail(e)
+    for f in files:
+        typer.echo(f"wrote {f}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
