@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# GPU suite: kernel tests on CUDA, correctness against HF, kernel and throughput benchmarks.
+# Usage: benchmarks/gpu_suite.sh OUTDIR [STEP ...]
+#   steps (default: all, in this order): tests parity kernels hf W-8B W-nano W-prefix W-pressure
+# Each step writes OUTDIR/<step>.log (and a JSON where it has figures); a short table comes last.
+# Steps are independent, so a long suite can be split over several runs into the same OUTDIR.
+set -u
+OUT=${1:?usage: benchmarks/gpu_suite.sh OUTDIR [STEP ...]}
+shift
+STEPS=${*:-tests parity kernels hf W-8B W-nano W-prefix W-pressure}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD HF_HUB_OFFLINE=1
+unset TRITON_INTERPRET
+PY=${PYTHON:-python}
+status=0
+
+run_step() {  # name, command...
+  local name=$1; shift
+  echo "== $name: $*"
+  local t0=$SECONDS
+  if "$@" >"$OUT/$name.log" 2>&1; then
+    echo "   ok ($((SECONDS - t0)) s)"
+  else
+    echo "   FAILED ($((SECONDS - t0)) s): tail of $OUT/$name.log"; tail -n 15 "$OUT/$name.log"; status=1
+  fi
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/device.txt" 2>&1
+for step in $STEPS; do
+  case $step in
+    tests)   run_step tests $PY -m pytest tests/kernels -q -rs ;;
+    parity)  if [ -f benchmarks/gpu_parity.py ]; then
+               run_step parity $PY benchmarks/gpu_parity.py --json "$OUT/parity.json"
+             else echo "== parity: benchmarks/gpu_parity.py not present, skipped"; fi ;;
+    kernels) run_step kernels $PY benchmarks/kernel_bench.py --json "$OUT/kernels.json" ;;
+    hf)      run_step W-hf-side-by-side $PY benchmarks/hf_side_by_side.py --json "$OUT/W-hf-side-by-side.json" ;;
+    W-*)     run_step "$step" $PY benchmarks/throughput.py --workload "$step" --json "$OUT/$step.json" ;;
+    *)       echo "unknown step $step (tests parity kernels hf W-8B W-nano W-hf W-prefix W-pressure)"; status=1 ;;
+  esac
+done
+grep -E "passed|failed|error" "$OUT/tests.log" 2>/dev/null | tail -n 1
+$PY benchmarks/summarize.py "$OUT"
+exit $status
