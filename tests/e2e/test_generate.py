@@ -27,12 +27,13 @@ def make_prompts(vocab: int, lengths: list[int], seed: int = 0, shared: int = 0)
     return [prefix + torch.randint(10, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
+VOCAB = 250  # below the tiny tokenizer's vocabulary (274)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir):
-    prompts = make_prompts(300, [5, 17, 33, 8, 40, 16], shared=0)
+    prompts = make_prompts(VOCAB, [5, 17, 33, 8, 40, 16], shared=0)
     return prompts, hf_greedy(tiny_model_dir, prompts, GREEDY.max_tokens)
 
 
@@ -57,7 +58,7 @@ def test_preemption_keeps_greedy_outputs(tiny_model_dir, reference, mode):
 
 
 def test_prefix_cache_hits_keep_outputs(tiny_model_dir):
-    prompts = make_prompts(300, [3, 9, 5, 12], seed=1, shared=40)
+    prompts = make_prompts(VOCAB, [3, 9, 5, 12], seed=1, shared=40)
     expected = hf_greedy(tiny_model_dir, prompts, GREEDY.max_tokens)
     for caching in (True, False):
         llm = LLM(str(tiny_model_dir), dtype="float32", device="cpu", block_size=8,
@@ -75,7 +76,7 @@ def test_prefix_cache_hits_keep_outputs(tiny_model_dir):
 
 def test_seeded_sampling_independent_of_batch(tiny_model_dir):
     llm = LLM(str(tiny_model_dir), dtype="float32", device="cpu")
-    prompts = make_prompts(300, [7, 11, 13], seed=2)
+    prompts = make_prompts(VOCAB, [7, 11, 13], seed=2)
     sp = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=10, ignore_eos=True)
     alone = llm.generate([prompts[0]], sp)[0].outputs[0].token_ids
     crowd = llm.generate(prompts, [sp, SamplingParams(temperature=0.8, max_tokens=10),
@@ -85,7 +86,7 @@ def test_seeded_sampling_independent_of_batch(tiny_model_dir):
 
 def test_n_samples_share_prompt_and_differ(tiny_model_dir):
     llm = LLM(str(tiny_model_dir), dtype="float32", device="cpu", block_size=4)
-    prompt = make_prompts(300, [10], seed=3)[0]  # 10 tokens: the last block is partly filled
+    prompt = make_prompts(VOCAB, [10], seed=3)[0]  # 10 tokens: the last block is partly filled
     out = llm.generate([prompt], SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=8,
                                                 ignore_eos=True))[0]
     assert [c.index for c in out.outputs] == [0, 1, 2, 3]
@@ -99,7 +100,7 @@ def test_n_samples_share_prompt_and_differ(tiny_model_dir):
 def test_logprobs_equal_hf_log_softmax(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    prompt = make_prompts(300, [9], seed=4)[0]
+    prompt = make_prompts(VOCAB, [9], seed=4)[0]
     llm = LLM(str(tiny_model_dir), dtype="float32", device="cpu")
     out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True,
                                                 logprobs=3))[0].outputs[0]
@@ -117,7 +118,7 @@ def test_logprobs_equal_hf_log_softmax(tiny_model_dir):
 
 def test_row_errors_do_not_stop_the_engine(tiny_model_dir):
     llm = LLM(str(tiny_model_dir), dtype="float32", device="cpu", max_model_len=64)
-    good = make_prompts(300, [5], seed=5)[0]
+    good = make_prompts(VOCAB, [5], seed=5)[0]
     outs = llm.generate([good, [], [1, 2, 99999], list(range(10, 80)), good], GREEDY)
     assert outs[0].error is None and len(outs[0].outputs[0].token_ids) == 12
     assert "empty" in outs[1].error
@@ -128,7 +129,7 @@ def test_row_errors_do_not_stop_the_engine(tiny_model_dir):
 
 def test_stop_strings_are_cut_from_text(tiny_model_dir):
     llm = LLM(str(tiny_model_dir), dtype="float32", device="cpu")
-    prompt = make_prompts(300, [6], seed=6)[0]
+    prompt = make_prompts(VOCAB, [6], seed=6)[0]
     full = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))[0]
     text = full.outputs[0].text
     assert len(text) > 4
