@@ -54,7 +54,11 @@ def load_model(model_config: ModelConfig, device: torch.device) -> tuple[nn.Modu
             source = str(gguf)
         else:
             weights, source = checkpoint_weights(path, fmt, model_config.allow_pickle)
-        loaded = model.load_weights(weights)
+        try:
+            loaded = model.load_weights(weights)
+        except (KeyError, ValueError) as exc:  # a tensor with no place or the wrong shape
+            raise ModelLoadError(f"the checkpoint {source} does not fit {type(model).__name__} "
+                                 f"built from its config: {exc}") from exc
         check_all_loaded(model, loaded, source)
         del hf_model
     return model.eval(), hf_config

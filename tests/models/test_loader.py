@@ -125,3 +125,13 @@ def test_auto_dtype_follows_the_checkpoint_on_gpu_and_is_float32_on_cpu():
     assert resolve_dtype("auto", cfg, torch.device("cuda")) == torch.bfloat16
     assert resolve_dtype("auto", cfg, CPU) == torch.float32
     assert resolve_dtype("float16", cfg, CPU) == torch.float16
+
+
+def test_a_tensor_of_the_wrong_shape_names_the_checkpoint(tiny_model_dir, tmp_path):
+    broken = _copy_without_weights(tiny_model_dir, tmp_path / "wrong-shape")
+    tensors = load_file(tiny_model_dir / "model.safetensors")
+    tensors["model.norm.weight"] = torch.ones(65)
+    save_file(tensors, broken / "model.safetensors")
+    with pytest.raises(ModelLoadError) as err:
+        _load(broken)
+    assert "model.norm.weight" in str(err.value) and "model.safetensors" in str(err.value)
