@@ -52,8 +52,8 @@ def test_preemption_and_prefix_hits_keep_outputs(llm, smollm2_dir):
     for mode in ("recompute", "swap"):
         small = LLM(str(smollm2_dir), dtype="float32", device="cpu", block_size=16,
                     num_gpu_blocks_override=8, preemption_mode=mode, swap_space=0.05)
-        got = [o.outputs[0].token_ids for o in small.chat(CHATS + CHATS, sp)]
-        assert got == base + base
+        got = [o.outputs[0].token_ids for o in small.chat(CHATS, sp)]
+        assert got == base
         stats = small.stats()
         assert stats["num_preemptions"] > 0
         assert stats["prefix_cache_hits"] > 0
