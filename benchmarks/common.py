@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -18,8 +19,9 @@ def machine_info() -> dict:
     """Device, library versions and commit, for the record in RESULTS.md."""
     import transformers
 
+    commit = os.environ.get("BATCHLLM_COMMIT", "")  # the GPU machine's copy has no .git
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                 text=True, timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"

@@ -26,6 +26,44 @@ MAX_SPLITS = 64
 
 
 @triton.jit
+def _attend(acc, m_i, l_i, q, q_pos, lo, end, hi, table_ptr, k_ptr, v_ptr,
+            stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
+            offs_d, d_ok, qk_scale, BLOCK_N: tl.constexpr, CACHE_BLOCK: tl.constexpr,
+            IEEE: tl.constexpr, MASK: tl.constexpr):
+    """Online-softmax update over key tiles [lo, end); MASK applies the causal and `hi` limits."""
+    for start in range(lo, end, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        if MASK:
+            blk = tl.load(table_ptr + offs_n // CACHE_BLOCK, mask=n_ok, other=0).to(tl.int64)
+        else:
+            blk = tl.load(table_ptr + offs_n // CACHE_BLOCK).to(tl.int64)
+        within = offs_n % CACHE_BLOCK
+        k = tl.load(k_ptr + blk[None, :] * stride_kb + within[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+                    mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q, k.to(q.dtype), input_precision="ieee")
+        else:
+            s = tl.dot(q, k.to(q.dtype))
+        s = s * qk_scale  # log2 domain: exp2 is the native instruction
+        if MASK:
+            s = tl.where(n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None]), s, _MASKED)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + blk[:, None] * stride_vb + within[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if IEEE:
+            pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(q.dtype), v.to(q.dtype))
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, ml_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, scale,
@@ -78,34 +116,22 @@ def _paged_attention_kernel(
         lo = split * per_split
         hi = tl.minimum(hi, lo + per_split)
 
+    qk_scale = scale * 1.4426950408889634  # log2(e)
     m_i = tl.full([BLOCK_M], _MASKED, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < hi
-        blk = tl.load(block_tables_ptr + b * stride_bt + offs_n // CACHE_BLOCK, mask=n_ok, other=0).to(tl.int64)
-        within = offs_n % CACHE_BLOCK
-        k = tl.load(k_cache_ptr + blk[None, :] * stride_kb + within[None, :] * stride_ks + kvh * stride_kh
-                    + offs_d[:, None] * stride_kd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        if IEEE:
-            s = tl.dot(q, k.to(q.dtype), input_precision="ieee")
-        else:
-            s = tl.dot(q, k.to(q.dtype))
-        s = s * scale
-        s = tl.where(n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None]), s, _MASKED)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + within[:, None] * stride_vs + kvh * stride_vh
-                    + offs_d[None, :] * stride_vd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        if IEEE:
-            pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(q.dtype), v.to(q.dtype))
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+    # Key tiles wholly at or before the tile's first query position need no mask; the rest
+    # (the causal diagonal and the context's ragged end) do.
+    diag = ctx - q_len + tile * BLOCK_Q + 1
+    full_end = lo + tl.maximum(tl.minimum(hi, diag) - lo, 0) // BLOCK_N * BLOCK_N
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, lo, full_end, hi, block_tables_ptr + b * stride_bt,
+                            k_cache_ptr + kvh * stride_kh, v_cache_ptr + kvh * stride_vh,
+                            stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
+                            offs_d, d_ok, qk_scale, BLOCK_N, CACHE_BLOCK, IEEE, False)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, full_end, hi, hi, block_tables_ptr + b * stride_bt,
+                            k_cache_ptr + kvh * stride_kh, v_cache_ptr + kvh * stride_vh,
+                            stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
+                            offs_d, d_ok, qk_scale, BLOCK_N, CACHE_BLOCK, IEEE, True)
 
     out_offs = tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od
     if SPLIT:
@@ -135,7 +161,7 @@ def _merge_splits_kernel(
     ml = ml_ptr + t * stride_mlt + h * stride_mlh + offs_s * stride_mls
     m = tl.load(ml, mask=s_ok, other=_MASKED)
     l = tl.load(ml + 1, mask=s_ok, other=0.0)
-    w = tl.exp(m - tl.max(m, 0))
+    w = tl.exp2(m - tl.max(m, 0))  # partial maxima are in the log2 domain
     w = tl.where(s_ok, w, 0.0)
     part = tl.load(part_ptr + t * stride_pt + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :] * stride_pd,
                    mask=s_ok[:, None] & d_ok[None, :], other=0.0)
@@ -165,19 +191,19 @@ def _tile_sizes(q: torch.Tensor, group_p: int, max_query_len: int) -> tuple[int,
     if q.device.type != "cuda":  # interpreter: small tiles keep the numpy emulation quick
         block_m, block_n = max(16, group_p), 16
         return max(1, block_m // group_p), block_n, 4, 1
+    # from benchmarks/tune_attention.py on an H100 (head dim 128, GQA group 4)
     if max_query_len == 1:
-        block_m = max(16, group_p)
-    else:
-        block_m = max(64, group_p)
-    block_n = 64 if q.shape[-1] <= 128 else 32
-    return max(1, block_m // group_p), block_n, 4, 2
+        return max(1, 16 // group_p), 64, 4, 3
+    return max(1, 64 // group_p), 32, 4, 2
 
 
 def paged_attention_splits(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor,
                            query_start_loc: torch.Tensor, scale: float, max_query_len: int,
-                           num_splits: int) -> torch.Tensor:
-    """paged_attention with an explicit number of KV splits (1 = single pass, no merge)."""
+                           num_splits: int, tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """paged_attention with an explicit number of KV splits (1 = single pass, no merge).
+
+    tiles: (BLOCK_M, BLOCK_N, num_warps, num_stages) to override the defaults (for tuning)."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, cache_block = k_cache.shape[2], k_cache.shape[1]
     assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
@@ -185,6 +211,8 @@ def paged_attention_splits(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     group_p = triton.next_power_of_2(group)
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_q, block_n, warps, stages = _tile_sizes(q, group_p, max_query_len)
+    if tiles is not None:
+        block_q, block_n, warps, stages = max(1, tiles[0] // group_p), *tiles[1:]
     num_seqs = seq_lens.shape[0]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_tokens == 0 or num_seqs == 0:
