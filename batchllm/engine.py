@@ -109,6 +109,8 @@ class LLMEngine:
                                 f.num_kv_heads, f.head_dim, dtype, self.device)
         self.runner = ModelRunner(model, self.kv_cache, self.sampler, block_size, self.device,
                                   self.eos_token_id)
+        if self.device.type == "cuda" and self.backend == "triton" and not config.enforce_eager:
+            self.runner.capture_decode_graphs(min(sched.max_num_seqs, 512), self.max_model_len)
         self.scheduler = Scheduler(sched, config.cache, num_blocks, num_cpu_blocks, self.max_model_len)
         self.num_blocks, self.num_cpu_blocks = num_blocks, num_cpu_blocks
         self._groups: dict[str, _Group] = {}
@@ -284,7 +286,8 @@ class LLMEngine:
         s = dict(self.scheduler.stats)
         s.update(num_prompt_tokens=self._num_prompt_tokens,
                  num_generated_tokens=self._num_generated_tokens,
-                 num_gpu_blocks=self.num_blocks, num_cpu_blocks=self.num_cpu_blocks)
+                 num_gpu_blocks=self.num_blocks, num_cpu_blocks=self.num_cpu_blocks,
+                 num_oom_splits=self.runner.num_oom_splits)
         return s
 
 

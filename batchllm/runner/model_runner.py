@@ -6,20 +6,54 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from batchllm.core.outputs import RunnerOutput, SchedulerOutput
+from batchllm.core.outputs import RunnerOutput, ScheduledChunk, SchedulerOutput
 from batchllm.layers.attention import AttentionMetadata
 from batchllm.runner.kv_cache import KVCache
 
 
-@dataclass(slots=True)
-class StepInputs:
-    """The device tensors of one step, plus which rows are sampled for which requests."""
+class EngineFaultError(RuntimeError):
+    """The device could not run a step even after shrinking it; the job should stop."""
 
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    meta: AttentionMetadata
-    logits_indices: torch.Tensor
+
+@dataclass(slots=True)
+class HostBatch:
+    """One step's flattened batch as host arrays (built once, vectorized over tokens)."""
+
+    input_ids: np.ndarray  # [T] int64
+    positions: np.ndarray  # [T] int64
+    slot_mapping: np.ndarray  # [T] int64
+    query_start: np.ndarray  # [B + 1] int64
+    seq_lens: np.ndarray  # [B] int64
+    block_tables: np.ndarray  # [B, max_blocks] int64
+    logits_indices: np.ndarray  # rows of the sampled tokens
     sample_req_ids: list[str]
+    max_query_len: int
+
+    @property
+    def is_decode(self) -> bool:
+        """Every request computes one token and samples it: the shape CUDA graphs serve."""
+        return self.max_query_len == 1 and len(self.sample_req_ids) == len(self.seq_lens)
+
+
+def build_host_batch(chunks: list[ScheduledChunk], block_size: int) -> HostBatch:
+    num_reqs = len(chunks)
+    q_lens = np.fromiter((len(c.token_ids) for c in chunks), dtype=np.int64, count=num_reqs)
+    computed = np.fromiter((c.num_computed_tokens for c in chunks), dtype=np.int64, count=num_reqs)
+    query_start = np.zeros(num_reqs + 1, dtype=np.int64)
+    np.cumsum(q_lens, out=query_start[1:])
+    total = int(query_start[-1])
+    input_ids = np.fromiter((t for c in chunks for t in c.token_ids), dtype=np.int64, count=total)
+    max_blocks = max(len(c.block_table) for c in chunks)
+    block_tables = np.zeros((num_reqs, max_blocks), dtype=np.int64)
+    for i, c in enumerate(chunks):
+        block_tables[i, :len(c.block_table)] = c.block_table
+    req_of_token = np.repeat(np.arange(num_reqs), q_lens)
+    positions = computed[req_of_token] + (np.arange(total) - query_start[:-1][req_of_token])
+    slot_mapping = block_tables[req_of_token, positions // block_size] * block_size + positions % block_size
+    sampled = [i for i, c in enumerate(chunks) if c.sample]
+    return HostBatch(input_ids, positions, slot_mapping, query_start, computed + q_lens, block_tables,
+                     query_start[1:][sampled] - 1, [chunks[i].req_id for i in sampled],
+                     int(q_lens.max()))
 
 
 class ModelRunner:
@@ -32,6 +66,17 @@ class ModelRunner:
         self.block_size, self.device = block_size, device
         self.layer_caches = kv_cache.layer_caches()
         self._pin = device.type == "cuda"
+        self.graphs = None  # DecodeGraphs, set by capture_decode_graphs
+        self.num_oom_splits = 0
+
+    def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
+        from batchllm.runner.cuda_graphs import DecodeGraphs
+
+        max_blocks = (max_model_len + self.block_size - 1) // self.block_size
+        graphs = DecodeGraphs(self.model, self.layer_caches, self.device, max_batch, max_blocks,
+                              max_model_len)
+        graphs.capture()
+        self.graphs = graphs
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(array)
@@ -39,40 +84,20 @@ class ModelRunner:
             t = t.pin_memory()
         return t.to(self.device, non_blocking=True)
 
-    def prepare(self, plan: SchedulerOutput) -> StepInputs:
-        """Flatten the plan's chunks into one batch; vectorized over tokens, one pass over chunks."""
-        chunks = plan.chunks
-        num_reqs = len(chunks)
-        q_lens = np.fromiter((len(c.token_ids) for c in chunks), dtype=np.int64, count=num_reqs)
-        computed = np.fromiter((c.num_computed_tokens for c in chunks), dtype=np.int64, count=num_reqs)
-        query_start = np.zeros(num_reqs + 1, dtype=np.int64)
-        np.cumsum(q_lens, out=query_start[1:])
-        total = int(query_start[-1])
-        input_ids = np.fromiter((t for c in chunks for t in c.token_ids), dtype=np.int64, count=total)
-        max_blocks = max(len(c.block_table) for c in chunks)
-        block_tables = np.zeros((num_reqs, max_blocks), dtype=np.int64)
-        for i, c in enumerate(chunks):
-            block_tables[i, :len(c.block_table)] = c.block_table
-        req_of_token = np.repeat(np.arange(num_reqs), q_lens)
-        positions = computed[req_of_token] + (np.arange(total) - query_start[:-1][req_of_token])
-        bs = self.block_size
-        slot_mapping = block_tables[req_of_token, positions // bs] * bs + positions % bs
-        seq_lens = computed + q_lens
-        sampled = [i for i, c in enumerate(chunks) if c.sample]
-        logits_indices = query_start[1:][sampled] - 1
+    def _logits_eager(self, hb: HostBatch) -> torch.Tensor:
         meta = AttentionMetadata(
-            slot_mapping=self._to_device(slot_mapping),
-            query_start_loc=self._to_device(query_start.astype(np.int32)),
-            seq_lens=self._to_device(seq_lens.astype(np.int32)),
-            block_tables=self._to_device(block_tables.astype(np.int32)),
-            max_query_len=int(q_lens.max()), max_seq_len=int(seq_lens.max()))
-        return StepInputs(self._to_device(input_ids), self._to_device(positions), meta,
-                          self._to_device(logits_indices.astype(np.int64)),
-                          [chunks[i].req_id for i in sampled])
+            slot_mapping=self._to_device(hb.slot_mapping),
+            query_start_loc=self._to_device(hb.query_start.astype(np.int32)),
+            seq_lens=self._to_device(hb.seq_lens.astype(np.int32)),
+            block_tables=self._to_device(hb.block_tables.astype(np.int32)),
+            max_query_len=hb.max_query_len, max_seq_len=int(hb.seq_lens.max()))
+        hidden = self.model(self._to_device(hb.input_ids), self._to_device(hb.positions),
+                            self.layer_caches, meta)
+        return self.model.compute_logits(hidden[self._to_device(hb.logits_indices)])
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
-        """Apply the plan's block moves, run the forward pass and sample."""
+        """Apply the plan's block moves (swap out, swap in, copy-on-write), run, sample."""
         for req_id in plan.finished_req_ids:
             self.sampler.remove_request(req_id)
         self.kv_cache.swap_out(plan.swap_out)
@@ -82,13 +107,37 @@ class ModelRunner:
             self.sampler.add_request(new, self.eos_token_id)
         if not plan.chunks:
             return RunnerOutput()
-        inputs = self.prepare(plan)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.layer_caches, inputs.meta)
-        if not inputs.sample_req_ids:
+        return self._run(plan.chunks)
+
+    def _run(self, chunks: list[ScheduledChunk]) -> RunnerOutput:
+        """Forward and sample; on device out-of-memory, run the chunks in two halves instead.
+
+        Requests of one step are independent (each attends to its own blocks and writes its own
+        slots), so splitting a step changes no result, only its peak memory."""
+        try:
+            return self._forward_and_sample(chunks)
+        except torch.cuda.OutOfMemoryError as exc:
+            if len(chunks) == 1:
+                raise EngineFaultError(
+                    f"out of device memory even for a single request's step ({len(chunks[0].token_ids)} "
+                    "tokens); lower max_num_batched_tokens or gpu_memory_utilization") from exc
+            torch.cuda.empty_cache()
+            self.num_oom_splits += 1
+            half = len(chunks) // 2
+            first, second = self._run(chunks[:half]), self._run(chunks[half:])
+            return _merge(first, second)
+
+    def _forward_and_sample(self, chunks: list[ScheduledChunk]) -> RunnerOutput:
+        hb = build_host_batch(chunks, self.block_size)
+        if self.graphs is not None and hb.is_decode and len(chunks) <= self.graphs.max_batch:
+            logits = self.graphs.run(hb.input_ids, hb.positions, hb.slot_mapping, hb.seq_lens,
+                                     hb.block_tables)
+        else:
+            logits = self._logits_eager(hb)
+        if not hb.sample_req_ids:
             return RunnerOutput()
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        result = self.sampler.sample(logits, inputs.sample_req_ids)
-        return RunnerOutput(req_ids=inputs.sample_req_ids, sampled_token_ids=result.token_ids,
+        result = self.sampler.sample(logits, hb.sample_req_ids)
+        return RunnerOutput(req_ids=hb.sample_req_ids, sampled_token_ids=result.token_ids,
                             logprobs=result.logprobs, top_logprobs=result.top_logprobs,
                             errors=result.errors)
 
@@ -101,3 +150,17 @@ class ModelRunner:
         per_token = elem * (8 * cfg.hidden_size + 6 * cfg.intermediate_size)
         logits = num_sampled * cfg.vocab_size * 4 * 4
         return int((per_token * num_tokens + logits) * 1.1) + (256 << 20)
+
+
+def _merge(a: RunnerOutput, b: RunnerOutput) -> RunnerOutput:
+    def cat(x, y, n_x, n_y):
+        if x is None and y is None:
+            return None
+        return (x if x is not None else [None] * n_x) + (y if y is not None else [None] * n_y)
+
+    na, nb = len(a.req_ids), len(b.req_ids)
+    return RunnerOutput(req_ids=a.req_ids + b.req_ids,
+                        sampled_token_ids=a.sampled_token_ids + b.sampled_token_ids,
+                        logprobs=cat(a.logprobs, b.logprobs, na, nb),
+                        top_logprobs=cat(a.top_logprobs, b.top_logprobs, na, nb),
+                        errors={**a.errors, **b.errors})
