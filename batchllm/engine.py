@@ -155,7 +155,9 @@ class LLMEngine:
             req = Request(req_id, ids, params, arrival, eos_token_id=self.eos_token_id,
                           group_id=request_id, sample_index=i, seed=seed)
             detok = None
-            if self.tokenizer is not None:
+            # Incremental detokenization is only needed to watch for stop strings; otherwise the
+            # text is decoded once when the sample finishes (same text, far less per-step work).
+            if self.tokenizer is not None and params.stop:
                 from batchllm.tokenizer import IncrementalDetokenizer
 
                 detok = IncrementalDetokenizer(self.tokenizer, ids,
@@ -263,6 +265,9 @@ class LLMEngine:
                 error = req.error
             reason = req.finish_reason
             stop_reason = s.stop_reason if s.stop_reason is not None else req.stop_reason
+            if s.detok is None and self.tokenizer is not None:
+                s.text = self.tokenizer.decode(req.output_token_ids,
+                                               skip_special_tokens=req.sampling_params.skip_special_tokens)
             outputs.append(CompletionOutput(
                 index=req.sample_index, text=s.text, token_ids=list(req.output_token_ids),
                 cumulative_logprob=sum(s.logprobs) if s.logprobs else None,
