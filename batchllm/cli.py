@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -16,9 +17,18 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Offline batch inference for LLMs: resumable jobs over Parquet / JSONL.")
 
 
-def _fail(e: JobError) -> None:
+def _fail(e: JobError, resume_command: str | None = None) -> None:
     typer.echo(f"error: {e}", err=True)
+    if e.committed is not None and resume_command is not None:
+        done, total = e.committed
+        typer.echo(f"{done} of {total} rows are committed and kept; after fixing the cause, "
+                   f"resume with: {resume_command}", err=True)
     raise typer.Exit(e.exit_code)
+
+
+def _resume_command(job: Path, sets: list[str], finalize: bool) -> str:
+    words = ["batchllm", "run", str(job)] + [w for s in sets for w in ("--set", s)]
+    return shlex.join(words + (["--finalize"] if finalize else []))
 
 
 def _overrides(sets: list[str]) -> dict[str, Any]:
@@ -36,6 +46,10 @@ class _SignalStop:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.stop.requested:
+            # Committed chunks are whole files (renamed into place), so nothing committed is
+            # lost; a half-written temporary file is removed by the next run.
+            os.write(2, f"\nsecond signal {signum}: exiting at once; committed rows are kept, "
+                        "rerun the same command to resume\n".encode())
             os._exit(128 + signum)
         self.stop.signum = signum
         typer.echo(f"\nstopping after signal {signum}: committing finished rows "
@@ -64,16 +78,22 @@ def run(job: Path = typer.Argument(..., help="job.yaml"),
     from batchllm.jobs.progress import NullProgress, default_progress
 
     stop = StopSignal()
+    again = _resume_command(job, set_, finalize)
+    if hasattr(signal, "SIGXFSZ"):
+        # Past a file-size limit (ulimit -f) a write then fails with EFBIG, which the writer
+        # reports, instead of the signal killing the process mid-commit.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         with _SignalStop(stop):
             result = run_job(job, overwrite=not resume, finalize_outputs=finalize, stop=stop,
                              progress=NullProgress() if quiet else default_progress(),
+                             on_notice=lambda m: typer.echo(f"note: {m}", err=True),
                              **_overrides(set_))
     except JobInterrupted as e:
-        typer.echo(f"interrupted: {e}\nresume with: batchllm run {job}", err=True)
+        typer.echo(f"interrupted: {e}\nresume with: {again}", err=True)
         raise typer.Exit(e.exit_code)
     except JobError as e:
-        _fail(e)
+        _fail(e, again)
     s = result.summary
     typer.echo(f"done: {s['rows']} rows ({s['errors']} errors, {s['skipped']} skipped), "
                f"{s['output_tokens']} output tokens, "

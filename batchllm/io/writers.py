@@ -6,7 +6,9 @@ sees only committed files, and leftovers from a crash are recognisable and remov
 from __future__ import annotations
 
 import errno
+import fnmatch
 import os
+import re
 from pathlib import Path
 from typing import Callable, IO
 
@@ -26,6 +28,11 @@ def _explain(e: OSError) -> str:
         return "permission denied; make the output folder writable and rerun to resume"
     if e.errno == errno.EROFS:
         return "the file system is read-only; choose another output.path or remount, then rerun"
+    if e.errno == errno.EFBIG:
+        return ("file too large for this process's file-size limit (ulimit -f) or the file "
+                "system; raise the limit or lower output.chunk_rows, then rerun to resume")
+    if e.errno == errno.EDQUOT:
+        return "disk quota exceeded; free some space and rerun the same command to resume"
     return f"{e.strerror or e}; rerun the same command to resume"
 
 
@@ -42,12 +49,39 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def inside(folder: Path, name: str) -> Path:
+    """folder/name, refusing a name that would land outside `folder` ('../x', '/etc/x', 'a/b')."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ValueError(f"refusing output file name {name!r}: it must be a plain file name "
+                         f"inside {folder}")
+    return folder / name
+
+
+def safe_stem(name: str) -> str:
+    """A file-name-safe stem of an input file name (letters, digits, '.', '_', '-' only)."""
+    stem = Path(name.replace("\\", "/")).stem if name else ""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", stem).lstrip(".")
+    return cleaned or "input"
+
+
+def _injected_fault(path: Path) -> OSError | None:
+    """Test hook: BATCHLLM_FAULT_ENOSPC=<glob> makes writes of matching file names fail with ENOSPC
+    from this real write path (used only where a small file system cannot be mounted)."""
+    pattern = os.environ.get("BATCHLLM_FAULT_ENOSPC")
+    if pattern and fnmatch.fnmatch(path.name, pattern):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return None
+
+
 def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> int:
     """Write `path` through `write(file)` atomically; returns its size in bytes."""
     tmp = path.parent / f"{TMP_PREFIX}{path.name}.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
             write(f)
+            fault = _injected_fault(path)
+            if fault is not None:
+                raise fault
             f.flush()
             os.fsync(f.fileno())
         size = tmp.stat().st_size

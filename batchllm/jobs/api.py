@@ -7,7 +7,7 @@ from typing import Any, Callable, Mapping
 
 from batchllm.jobs.checkpoint import FolderLock, claim_folder, job_details, scan_committed
 from batchllm.jobs.engine_api import EngineLike, build_engine
-from batchllm.jobs.errors import JobInterrupted
+from batchllm.jobs.errors import JobError, JobInterrupted
 from batchllm.jobs.executor import JobExecutor, RunFigures, StopSignal
 from batchllm.jobs.finalize import finalize
 from batchllm.jobs.prepare import JobPlan, plan_job
@@ -42,7 +42,7 @@ def run_job(spec: "str | Path | Mapping[str, Any] | JobSpec", *, overwrite: bool
             finalize_outputs: bool = False, engine: EngineLike | None = None,
             engine_factory: Callable[[JobSpec], EngineLike] | None = None,
             progress: ProgressSink | None = None, stop: StopSignal | None = None,
-            **overrides: Any) -> JobResult:
+            on_notice: Callable[[str], None] | None = None, **overrides: Any) -> JobResult:
     """Run (or resume) a job and return its summary and output folder.
 
     `spec`: a job.yaml path, a dict of the same shape, or a JobSpec; `overrides` replace parts of
@@ -52,17 +52,32 @@ def run_job(spec: "str | Path | Mapping[str, Any] | JobSpec", *, overwrite: bool
     plan = plan_job(load_spec(spec, overrides))
     spec = plan.spec
     folder = Path(spec.output.path)
-    with FolderLock(folder):
+    notices: list[str] = []
+
+    def notice(message: str) -> None:
+        notices.append(message)
+        if on_notice is not None:
+            on_notice(message)
+
+    with FolderLock(folder) as lock:
+        if lock.stale_pid is not None:
+            notice(f"took over a stale lock left by pid {lock.stale_pid} (that run is gone)")
+        if lock.removed:
+            notice(f"removed {len(lock.removed)} temporary file(s) of interrupted writes: "
+                   + ", ".join(p.name for p in lock.removed[:5]))
         resumed = claim_folder(folder, job_details(spec, plan.shards), plan.shards,
                                overwrite=overwrite, output_format=spec.output.format)
         committed = scan_committed(folder, plan.units)
+        for c in committed.corrupt:
+            notice(f"corrupt chunk set aside, its rows will be redone: {c}")
         rows_before = committed.rows_done(plan.units)
         previous = read_summary(folder) if resumed else None
         ex: JobExecutor | None = None
         status = "failed"
         try:
             if rows_before < plan.rows_total:
-                engine = engine if engine is not None else (engine_factory or build_engine)(spec)
+                if engine is None:
+                    engine = (engine_factory or build_engine)(spec)
                 prep = Preprocessor.for_job(spec, plan.shards, engine.tokenizer,
                                             engine.max_model_len)
                 sink = progress or NullProgress()
@@ -80,12 +95,24 @@ def run_job(spec: "str | Path | Mapping[str, Any] | JobSpec", *, overwrite: bool
         except JobInterrupted:
             status = "interrupted"
             raise
+        except JobError as e:
+            e.committed = (_committed_rows(folder, plan.rows_total), plan.rows_total)
+            raise
         finally:
             figures = ex.figures if ex is not None else RunFigures()
             summary = build_summary(folder, plan.rows_total, figures, previous, status)
+            if notices:
+                summary["notices"] = notices
             try:
                 write_summary(folder, summary)
             except OSError:
                 pass  # the chunks are the truth; a missing summary is rebuilt next run
         files = finalize(folder) if finalize_outputs or spec.output.format == "openai-batch" else []
     return JobResult(folder, summary, files, resumed)
+
+
+def _committed_rows(folder: Path, rows_total: int) -> int:
+    try:
+        return build_summary(folder, rows_total, RunFigures(), None, "failed")["rows"]
+    except Exception:
+        return 0

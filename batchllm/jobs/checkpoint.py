@@ -65,6 +65,14 @@ def describe_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = 
             if old.get(key) != new.get(key):
                 return describe_difference(old.get(key), new.get(key), f"{prefix}{key}.")
     if isinstance(old, list) and isinstance(new, list) and prefix == "inputs.":
+        old_names = [o.get("file") for o in old]
+        new_names = [n.get("file") for n in new]
+        gone = [f for f in old_names if f not in new_names]
+        added = [f for f in new_names if f not in old_names]
+        if gone or added:
+            parts = ([f"input shard(s) vanished: {', '.join(map(str, gone))}"] if gone else []) + (
+                [f"new input shard(s): {', '.join(map(str, added))}"] if added else [])
+            return "; ".join(parts)
         if len(old) != len(new):
             return f"the input has {len(new)} shard(s), the folder's job had {len(old)}"
         for o, n in zip(old, new):
@@ -130,17 +138,35 @@ class UnitState:
 @dataclass(slots=True)
 class Committed:
     units: dict[int, UnitState]
-    corrupt: list[Path]
+    corrupt: list[str]  # "<chunk name>: <why>" for each chunk set aside as corrupt
 
     def rows_done(self, units: list[WorkUnit]) -> int:
         return sum(u.num_rows if self.units[u.index].complete else len(self.units[u.index].done_rows)
                    for u in units)
 
 
-def scan_committed(folder: Path, units: list[WorkUnit], *, read_ids: bool = True) -> Committed:
-    """Read chunk names (and `input_row` only for incomplete units); set corrupt chunks aside."""
+def _chunk_problem(path: Path, unit: WorkUnit, seen: set[int]) -> tuple[str | None, list[int]]:
+    """Why a chunk cannot be trusted (None if it can), and its input rows."""
+    try:
+        table = read_arrow(path, ["input_row"])
+        table.validate(full=True)
+        rows = table.column(0).to_pylist()
+    except (pa.ArrowInvalid, OSError, KeyError) as e:
+        return f"unreadable ({str(e).splitlines()[0][:120]})", []
+    if not rows:
+        return "holds no rows", []
+    if any(r is None or not unit.start <= r < unit.stop for r in rows):
+        return f"holds rows outside its unit's range [{unit.start}, {unit.stop})", []
+    if seen & set(rows):
+        return "repeats rows already committed by another chunk", []
+    return None, rows
+
+
+def scan_committed(folder: Path, units: list[WorkUnit]) -> Committed:
+    """Read chunk names and their `input_row` column; set corrupt chunks aside (renamed
+    `*.corrupt-<pid>`, never read again) so that their rows are redone."""
     states = {u.index: UnitState() for u in units}
-    corrupt: list[Path] = []
+    corrupt: list[str] = []
     chunk_dir = folder / CHUNKS
     for path in sorted(chunk_dir.glob("*.arrow")) if chunk_dir.exists() else []:
         parsed = parse_chunk_name(path.name)
@@ -148,30 +174,42 @@ def scan_committed(folder: Path, units: list[WorkUnit], *, read_ids: bool = True
             continue
         unit, chunk, last = parsed
         st = states[unit]
-        try:
-            rows = read_arrow(path, ["input_row"]).column(0).to_pylist()
-        except (pa.ArrowInvalid, OSError, KeyError) as e:
-            corrupt.append(path)
-            path.rename(path.with_name(path.name + f".corrupt-{os.getpid()}"))
+        why, rows = _chunk_problem(path, units[unit], st.done_rows)
+        if why is not None:
+            corrupt.append(f"{path.name}: {why}")
+            aside = path.with_name(f"{path.name}.corrupt-{os.getpid()}")
+            try:
+                path.rename(aside)
+            except OSError as e:
+                raise OutputFolderError(f"chunk {path} is corrupt ({why}) and cannot be set aside: "
+                                        f"{e.strerror or e}; move it away and rerun") from None
             continue
         st.files.append(path)
         st.next_chunk = max(st.next_chunk, chunk + 1)
         st.complete = st.complete or last
-        if read_ids:
-            st.done_rows.update(rows)
+        st.done_rows.update(rows)
     for u in units:
         st = states[u.index]
+        if st.complete and len(st.done_rows) < u.num_rows:
+            st.complete = False  # its last chunk is there but an earlier one was set aside
         if not st.complete and len(st.done_rows) >= u.num_rows:
             st.complete = True
     return Committed(states, corrupt)
 
 
 class FolderLock:
-    """An exclusive fcntl.flock on output.path/.lock: a second run on the folder is refused."""
+    """An exclusive fcntl.flock on output.path/.lock: a second run on the folder is refused.
+
+    The kernel drops a flock when its holder dies, so a lock file left by a killed run is stale
+    by construction: the next run takes it (and reports that it did). Entering also removes the
+    temporary files of interrupted writes; `removed` lists them.
+    """
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self._fd: int | None = None
+        self.removed: list[Path] = []
+        self.stale_pid: int | None = None  # the pid a stale lock file named, if any
 
     def __enter__(self) -> "FolderLock":
         try:
@@ -181,25 +219,42 @@ class FolderLock:
             raise OutputFolderError(f"cannot use output folder {self.folder}: {e.strerror or e} "
                                     "(check that it is writable, or choose another output.path)"
                                     ) from None
+        holder = _read_pid(self._fd)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(self._fd)
             self._fd = None
-            raise OutputFolderError(f"output folder {self.folder} is in use by another batchllm run "
-                                    "(its lock is held); wait for it to finish or stop it first"
-                                    ) from None
-        os.ftruncate(self._fd, 0)
-        os.write(self._fd, str(os.getpid()).encode())
-        remove_temp_files(self.folder)
-        if (self.folder / CHUNKS).exists():
-            remove_temp_files(self.folder / CHUNKS)
-        if (self.folder / FINAL).exists():
-            remove_temp_files(self.folder / FINAL)
+            who = f" (pid {holder})" if holder else ""
+            raise OutputFolderError(f"output folder {self.folder} is in use by another batchllm "
+                                    f"run{who}: its lock {self.folder / LOCK} is held; wait for "
+                                    "that run to finish or stop it first") from None
+        if holder and holder != os.getpid():
+            self.stale_pid = holder
+        try:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, str(os.getpid()).encode(), 0)
+        except OSError:
+            pass  # the pid is only informative (e.g. the disk is full); the flock is what counts
+        for sub in (self.folder, self.folder / CHUNKS, self.folder / FINAL):
+            if sub.exists():
+                self.removed += remove_temp_files(sub)
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._fd is not None:
+            try:
+                os.ftruncate(self._fd, 0)
+            except OSError:
+                pass
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        return int(text) if text.isdigit() else None
+    except OSError:
+        return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from batchllm.core.outputs import RequestOutput
+from batchllm.jobs.errors import JobModelError
 from batchllm.jobs.preprocess import TokenizerLike
 from batchllm.jobs.spec import JobSpec
 from batchllm.sampling_params import SamplingParams
@@ -31,5 +32,9 @@ def build_engine(spec: JobSpec) -> EngineLike:
     """Load the job's model into a streaming engine (the only place jobs/ imports the engine)."""
     from batchllm.engine import LLM
 
-    llm = LLM(spec.model, tokenizer=spec.tokenizer, **spec.engine)
+    try:
+        llm = LLM(spec.model, tokenizer=spec.tokenizer, **spec.engine)
+    except (ValueError, RuntimeError, OSError) as e:  # ModelLoadError, ConfigError, unsupported...
+        raise JobModelError(f"{spec.source or 'job'}: cannot load model {spec.model}: "
+                            f"{type(e).__name__}: {e}") from e
     return llm.engine

@@ -3,9 +3,13 @@ from __future__ import annotations
 
 
 class JobError(Exception):
-    """A job could not run or finish; `exit_code` is what `batchllm run` exits with."""
+    """A job could not run or finish; `exit_code` is what `batchllm run` exits with.
+
+    `committed` is (rows committed, rows in the job) when the failure came after work began.
+    """
 
     exit_code = 1
+    committed: tuple[int, int] | None = None
 
 
 class JobSpecError(JobError):
@@ -34,6 +38,12 @@ class OutputFolderError(JobError):
 
 class OutputWriteError(JobError):
     """A chunk could not be written (disk full, permissions, read-only); committed chunks are intact."""
+
+    exit_code = 1
+
+
+class EngineFailed(JobError):
+    """The engine raised from step(); finished rows were committed, the rest is redone on rerun."""
 
     exit_code = 1
 

@@ -16,10 +16,10 @@ import pyarrow as pa
 from batchllm.core.outputs import RequestOutput
 from batchllm.io.readers import InputRow, Shard, iter_rows
 from batchllm.io.schema import rows_to_table
-from batchllm.io.writers import WriteFailed, write_arrow_atomic
+from batchllm.io.writers import WriteFailed, inside, write_arrow_atomic
 from batchllm.jobs.checkpoint import CHUNKS, Committed
 from batchllm.jobs.engine_api import EngineLike
-from batchllm.jobs.errors import JobInterrupted, OutputWriteError
+from batchllm.jobs.errors import EngineFailed, JobInputError, JobInterrupted, OutputWriteError
 from batchllm.jobs.plan import WorkUnit, chunk_name
 from batchllm.jobs.preprocess import Prepared, Preprocessor
 from batchllm.jobs.records import output_rows
@@ -101,7 +101,7 @@ class JobExecutor:
                     raise RuntimeError(f"the engine reports no unfinished requests, but "
                                        f"{len(self.in_flight)} are in flight")
                 if busy:
-                    for out in self.engine.step():
+                    for out in self._step():
                         self._finish(self.in_flight.pop(out.request_id), out)
                 self._commit_due()
                 self.figures.elapsed_s = time.monotonic() - start
@@ -109,15 +109,38 @@ class JobExecutor:
                 if exhausted and not busy and not self.in_flight:
                     break
         except (JobInterrupted, OutputWriteError):
+            self._abort_in_flight()
             raise
         except BaseException:
+            self._abort_in_flight()
             self._commit_all()  # keep what is finished, then let the failure through
             raise
         finally:
             self.figures.elapsed_s = time.monotonic() - start
-            self.figures.engine_stats = dict(self.engine.stats())
-        assert not self.open, f"units left open: {sorted(self.open)}"
+            try:
+                self.figures.engine_stats = dict(self.engine.stats())
+            except Exception:
+                pass  # a broken engine's figures are not worth hiding the real error
+        if self.open:
+            short = ", ".join(f"unit {u}: {ou.pending} row(s)" for u, ou in sorted(self.open.items()))
+            raise JobInputError(f"the input had fewer rows than planned ({short} never read); an "
+                                "input shard changed during the run. Rerun to see which.")
         return self.figures
+
+    def _step(self) -> list[RequestOutput]:
+        try:
+            return self.engine.step()
+        except Exception as e:
+            raise EngineFailed(f"the engine failed during a step with {len(self.in_flight)} "
+                               f"request(s) in flight: {type(e).__name__}: {e}") from e
+
+    def _abort_in_flight(self) -> None:
+        for rid in list(self.in_flight):
+            try:
+                self.engine.abort_request(rid)
+            except Exception:
+                pass  # leaving: an engine that cannot abort is not reused by this run
+        self.in_flight.clear()
 
     def _pending_rows(self) -> Iterator[tuple[int, InputRow]]:
         """(unit index, row) for every row not committed yet, in plan order, one pass per shard."""
@@ -129,6 +152,7 @@ class JobExecutor:
             i += len(group)
             by_row = iter(group)
             unit = next(by_row)
+            self._check_unchanged(shard)
             for r in iter_rows(self.shards[shard], start=group[0].start):
                 while r.row >= unit.stop:
                     unit = next(by_row, None)
@@ -139,6 +163,23 @@ class JobExecutor:
                 if r.row < unit.start or r.row in self.committed.units[unit.index].done_rows:
                     continue
                 yield unit.index, r
+            self._check_unchanged(shard)
+
+    def _check_unchanged(self, index: int) -> None:
+        """An input shard must keep the size and mtime it was planned with, for the whole run."""
+        shard = self.shards[index]
+        if shard.path is None:
+            return
+        try:
+            st = shard.path.stat()
+        except OSError as e:
+            raise JobInputError(f"input shard {shard.name} vanished during the run "
+                                f"({e.strerror or e}); committed rows are kept") from None
+        if (st.st_size, st.st_mtime_ns) != (shard.size, shard.mtime_ns):
+            raise JobInputError(
+                f"input shard {shard.name} changed during the run (size {shard.size} -> "
+                f"{st.st_size}, mtime_ns {shard.mtime_ns} -> {st.st_mtime_ns}); results would mix "
+                "two versions of it. Restore it, or rerun with --overwrite to start over.")
 
     def _open(self, unit_index: int) -> _OpenUnit:
         ou = self.open.get(unit_index)
@@ -155,8 +196,13 @@ class JobExecutor:
         if p.settled:
             self._finish(p, None)
             return
+        try:
+            self.engine.add_request(p.request_id, p.prompt_ids, p.params)
+        except (ValueError, TypeError) as e:  # the engine refused this row: an error row
+            p.error = f"row {row.row} of {p.input_file}: the engine refused the request: {e}"
+            self._finish(p, None)
+            return
         self.in_flight[p.request_id] = p
-        self.engine.add_request(p.request_id, p.prompt_ids, p.params)
 
     def _finish(self, p: Prepared, out: RequestOutput | None) -> None:
         ou = self.open[p.unit]
@@ -182,7 +228,7 @@ class JobExecutor:
     def _commit(self, ou: _OpenUnit, last: bool) -> None:
         rows = sorted(ou.buffer, key=lambda r: (r["input_row"], r.get("sample_index") or 0))
         table = rows_to_table(rows, self.schema)
-        path = self.chunk_dir / chunk_name(ou.unit.index, ou.next_chunk, last)
+        path = inside(self.chunk_dir, chunk_name(ou.unit.index, ou.next_chunk, last))
         try:
             write_arrow_atomic(path, table)
         except WriteFailed as e:
@@ -201,9 +247,7 @@ class JobExecutor:
                     return
 
     def _interrupt(self) -> None:
-        for rid in list(self.in_flight):
-            self.engine.abort_request(rid)
-        self.in_flight.clear()
+        self._abort_in_flight()
         self._commit_all()
         signum = self.stop.signum or 2
         raise JobInterrupted(f"stopped by signal {signum}; finished rows are committed. Rerun the "

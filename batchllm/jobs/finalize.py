@@ -10,7 +10,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from batchllm.io.writers import WriteFailed, read_arrow, write_arrow_atomic, write_text_atomic
+from batchllm.io.writers import WriteFailed, inside, read_arrow, safe_stem, write_arrow_atomic, \
+    write_text_atomic
 from batchllm.jobs.checkpoint import CHUNKS, FINAL, read_job_record
 from batchllm.jobs.errors import JobError, OutputWriteError
 from batchllm.jobs.plan import parse_chunk_name, plan_units
@@ -41,14 +42,16 @@ def finalize(folder: str | Path) -> list[Path]:
         if "sample_index" in table.column_names:
             keys.append(("sample_index", "ascending"))
         table = table.sort_by(keys)
-        stem = Path(shard["name"]).stem if shard["name"] != "<memory>" else "input"
-        path = folder / FINAL / f"{i:05d}-{stem}.arrow"
+        # The name comes from the input file name (recorded in job.json): keep it a plain name
+        # inside final/, whatever the input was called ('../../etc/x' -> '00000-x.arrow').
+        stem = safe_stem(shard["name"]) if shard["name"] != "<memory>" else "input"
+        path = inside(folder / FINAL, f"{i:05d}-{stem}.arrow")
         try:
             write_arrow_atomic(path, table)
             written.append(path)
             if record.get("output_format") == "openai-batch":
                 lines = openai_lines(table, record["details"]["model"])
-                jpath = folder / FINAL / f"{i:05d}-{stem}.openai.jsonl"
+                jpath = inside(folder / FINAL, f"{i:05d}-{stem}.openai.jsonl")
                 write_text_atomic(jpath, "".join(json.dumps(x) + "\n" for x in lines))
                 written.append(jpath)
         except WriteFailed as e:

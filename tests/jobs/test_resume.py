@@ -12,7 +12,7 @@ import pytest
 from batchllm.io import writers
 from batchllm.jobs import finalize, run_job
 from batchllm.jobs.checkpoint import FolderLock
-from batchllm.jobs.errors import JobInterrupted, OutputFolderError, OutputWriteError
+from batchllm.jobs.errors import EngineFailed, JobInterrupted, OutputFolderError, OutputWriteError
 from batchllm.jobs.executor import StopSignal
 from tests.jobs.fake_engine import FakeEngine
 from tests.jobs.helpers import committed, job, write_jsonl
@@ -67,8 +67,11 @@ def test_signal_stop_commits_and_a_rerun_completes_exactly_once(src: Path, tmp_p
 def test_engine_crash_keeps_finished_rows_and_rerun_redoes_only_the_rest(src: Path,
                                                                          tmp_path: Path) -> None:
     ref = reference(src, tmp_path)
-    with pytest.raises(RuntimeError, match="fake engine crash"):
+    with pytest.raises(EngineFailed, match="RuntimeError: fake engine crash") as info:
         run_job(spec(src, tmp_path / "out"), engine=FakeEngine(fail_at_step=6))
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert info.value.committed == (summary["rows"], N + 1) and summary["rows"] > 0
     first = committed(tmp_path / "out")
     done = first.filter(pa.compute.is_null(first["error"])).num_rows
     assert done > 0
