@@ -84,7 +84,10 @@ class Sampler:
         return self._free_slots.pop()
 
     def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+        t = torch.tensor(values, dtype=dtype)
+        if self.device.type == "cuda":
+            t = t.pin_memory()  # a pageable host copy would block the host
+        return t.to(self.device, non_blocking=True)
 
     @torch.no_grad()
     def sample(self, logits: torch.Tensor, req_ids: list[str]) -> SamplerResult:
@@ -191,5 +194,5 @@ class Sampler:
         if rows:
             slots = self._tensor([states[i].penalty_slot for i in rows], torch.long)
             picked = tokens[self._tensor(rows, torch.long)]
-            self._counts.index_put_((slots, picked), torch.ones_like(picked, dtype=torch.int32),
-                                    accumulate=True)
+            flat = slots * self.vocab_size + picked  # scatter_add_: no host sync, unlike index_put_
+            self._counts.view(-1).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
