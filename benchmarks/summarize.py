@@ -28,8 +28,11 @@ def _rows(name: str, data: dict) -> list[tuple[str, str]]:
         for mode in ("recompute", "swap", "auto"):
             r = f.get(mode, {})
             line(f"W-pressure {mode}", r)
-            rows.append((f"  {mode}", f"identical {r.get('outputs_identical')} ({r.get('num_identical')}), "
-                                       f"preemptions {r.get('stats', {}).get('num_preemptions')}"))
+            e = f.get("float32_equality", {}).get(mode, {})
+            rows.append((f"  {mode}", f"bf16 identical {r.get('num_identical')}/{data.get('num_requests')}, "
+                                       f"preemptions {r.get('stats', {}).get('num_preemptions')}; float32 "
+                                       f"identical {e.get('num_identical')}/{f.get('float32_equality', {}).get('num_requests')} "
+                                       f"(preemptions {e.get('num_preemptions')})"))
     elif name == "W-hf-side-by-side":
         for k in ("hf_generate", "hf_generate_batch", "batchllm"):
             line(k, f.get(k))

@@ -76,21 +76,48 @@ def _first_divergence(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
+def _capped_blocks(work: Workload, prompts: list[list[int]], block: int = 16) -> tuple[int, int]:
+    """(blocks all requests need at full length, a quarter of that, but at least the largest one)."""
+    per_request = [-(-(len(p) + o) // block) for p, o in zip(prompts, work.output_lens)]
+    return sum(per_request), max(sum(per_request) // 4, max(per_request))
+
+
+def _compare(tokens: list[list[int]], base: list[list[int]]) -> dict:
+    same = [a == b for a, b in zip(tokens, base)]
+    diverged = [_first_divergence(a, b) for a, b, s in zip(tokens, base, same) if not s]
+    return dict(outputs_identical=all(same), num_identical=sum(same), first_divergence_positions=diverged[:20])
+
+
+def fp32_equality(model_dir: Path, work: Workload, n: int = 128) -> dict:
+    """Greedy outputs under a 1/4 cache vs an unconstrained cache, in float32 without TF32.
+
+    bf16 greedy on random weights is no test of preemption: logits of a random model are close
+    together, so the rounding differences between two batch schedules flip argmaxes within tens
+    of tokens whether or not anything was preempted. float32 rounding is ~1e5 times smaller."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    n = min(n, len(work.prompts))
+    sub = Workload(work.name, work.shape, work.prompts[:n], work.output_lens[:n])
+    _, cap = _capped_blocks(sub, sub.prompts)
+    base = run_once(model_dir, sub, dtype="float32")["tokens"]
+    report: dict = dict(num_requests=n, blocks_capped=cap)
+    for mode in ("recompute", "swap", "auto"):
+        run = run_once(model_dir, sub, dtype="float32", num_gpu_blocks_override=cap, preemption_mode=mode)
+        report[mode] = dict(_compare(run["tokens"], base),
+                            num_preemptions=run["result"]["stats"].get("num_preemptions"))
+    return report
+
+
 def bench_pressure(model_dir: Path, work: Workload) -> dict:
     """Unconstrained greedy run, then the KV cache capped to 1/4 of what all requests need at full
-    length, once per preemption mode; outputs must equal the unconstrained ones."""
+    length, once per preemption mode (bf16 throughput; bf16 and float32 output equality)."""
     base = run_once(model_dir, work)
-    block = 16
-    per_request = [-(-(len(p) + o) // block) for p, o in zip(work.prompts, work.output_lens)]
-    need = sum(per_request)
-    cap = max(need // 4, max(per_request))  # every request must still fit on its own
+    need, cap = _capped_blocks(work, work.prompts)
     report: dict = dict(blocks_needed=need, blocks_capped=cap, unconstrained=with_floor(base["result"], work))
     for mode in ("recompute", "swap", "auto"):
         run = run_once(model_dir, work, num_gpu_blocks_override=cap, preemption_mode=mode)
-        same = [a == b for a, b in zip(run["tokens"], base["tokens"])]
-        diverged = [_first_divergence(a, b) for a, b, s in zip(run["tokens"], base["tokens"], same) if not s]
-        report[mode] = dict(with_floor(run["result"], work), outputs_identical=all(same),
-                            num_identical=sum(same), first_divergence_positions=diverged[:20])
+        report[mode] = dict(with_floor(run["result"], work), **_compare(run["tokens"], base["tokens"]))
+    report["float32_equality"] = fp32_equality(model_dir, work)
     return report
 
 
