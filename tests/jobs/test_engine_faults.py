@@ -57,3 +57,38 @@ def test_nan_logits_bad_token_ids_and_a_prompt_too_long_for_the_cache_are_error_
         assert errors[i] is None
         assert t["token_ids"][i].as_py() == clean["token_ids"][i].as_py()
         assert len(t["token_ids"][i].as_py()) == 4
+
+
+class _Boom:
+    """Unpickling this runs a shell command: what a hostile .bin checkpoint can do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickled_weights_are_refused_and_never_executed_even_when_allowed(
+        tmp_path: Path, tiny_model_dir: Path) -> None:
+    import pickle
+
+    from batchllm.jobs.errors import JobModelError
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    with open(model / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"model.embed_tokens.weight": _Boom(marker)}, f)
+    src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "hello"}])
+    spec = job(src, tmp_path / "out", model=str(model), engine={"device": "cpu"})
+    with pytest.raises(JobModelError, match="allow_pickle"):
+        run_job(spec)
+    spec["engine"]["allow_pickle"] = True
+    spec["output"]["path"] = str(tmp_path / "out2")
+    with pytest.raises(JobModelError, match="weights_only"):
+        run_job(spec)
+    assert not marker.exists()
