@@ -47,13 +47,14 @@ def release() -> None:
         torch.cuda.empty_cache()
 
 
-def greedy(n: int) -> SamplingParams:
-    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+def greedy(n: int, logprobs: int | None = None) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=logprobs)
 
 
-def timed_generate(llm: LLM, prompts: list[list[int]], output_lens: list[int]) -> tuple[float, list]:
+def timed_generate(llm: LLM, prompts: list[list[int]], output_lens: list[int],
+                   logprobs: int | None = None) -> tuple[float, list]:
     """(seconds, outputs) of one pass, GPU synchronized before and after."""
-    params = [greedy(n) for n in output_lens]
+    params = [greedy(n, logprobs) for n in output_lens]
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t0 = time.perf_counter()

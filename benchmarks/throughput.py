@@ -30,12 +30,12 @@ def warm_up(llm, work: Workload) -> None:
     llm.generate(prompts, [greedy(n) for n in outs])
 
 
-def run_once(model_dir: Path, work: Workload, **engine_kwargs: object) -> dict:
+def run_once(model_dir: Path, work: Workload, logprobs: int | None = None, **engine_kwargs: object) -> dict:
     """Build an engine, warm it up, time the workload; returns figures, stats delta and outputs."""
     llm = make_llm(model_dir, **engine_kwargs)
     warm_up(llm, work)
     before = llm.stats()
-    seconds, outs = timed_generate(llm, work.prompts, work.output_lens)
+    seconds, outs = timed_generate(llm, work.prompts, work.output_lens, logprobs)
     after = llm.stats()
     delta = {k: after[k] - before.get(k, 0) for k in COUNTERS if k in after}
     errors = [o.outputs[0].finish_reason for o in outs if o.outputs[0].finish_reason == "error"]
@@ -43,9 +43,10 @@ def run_once(model_dir: Path, work: Workload, **engine_kwargs: object) -> dict:
                   stats=delta, num_errors=len(errors), engine=engine_kwargs,
                   kv_blocks=getattr(llm.engine, "num_blocks", None))
     tokens = [list(o.outputs[0].token_ids) for o in outs]
+    top = [o.outputs[0].top_logprobs for o in outs] if logprobs else None
     del llm
     release()
-    return dict(result=result, tokens=tokens)
+    return dict(result=result, tokens=tokens, top_logprobs=top)
 
 
 def with_floor(result: dict, work: Workload, cached: int = 0) -> dict:
@@ -99,13 +100,27 @@ def fp32_equality(model_dir: Path, work: Workload, n: int = 128) -> dict:
     n = min(n, len(work.prompts))
     sub = Workload(work.name, work.shape, work.prompts[:n], work.output_lens[:n])
     _, cap = _capped_blocks(sub, sub.prompts)
-    base = run_once(model_dir, sub, dtype="float32")["tokens"]
+    ref = run_once(model_dir, sub, logprobs=2, dtype="float32")
+    base = ref["tokens"]
     report: dict = dict(num_requests=n, blocks_capped=cap)
     for mode in ("recompute", "swap", "auto"):
         run = run_once(model_dir, sub, dtype="float32", num_gpu_blocks_override=cap, preemption_mode=mode)
         report[mode] = dict(_compare(run["tokens"], base),
-                            num_preemptions=run["result"]["stats"].get("num_preemptions"))
+                            num_preemptions=run["result"]["stats"].get("num_preemptions"),
+                            top2_logprob_gaps_at_divergence=_gaps(run["tokens"], base, ref["top_logprobs"]))
     return report
+
+
+def _gaps(tokens: list[list[int]], base: list[list[int]], top: list | None) -> list[float]:
+    """For each diverging request, the unconstrained run's gap between its two best log-probs at the
+    first divergence: a gap near float32 rounding (~1e-6) marks a tie, not a preemption bug."""
+    gaps = []
+    for r, (a, b) in enumerate(zip(tokens, base)):
+        i = _first_divergence(a, b)
+        if a != b and top and top[r] and i < len(top[r]) and len(top[r][i]) >= 2:
+            best = sorted(top[r][i].values(), reverse=True)
+            gaps.append(float(f"{best[0] - best[1]:.3g}"))
+    return gaps[:20]
 
 
 def bench_pressure(model_dir: Path, work: Workload) -> dict:
