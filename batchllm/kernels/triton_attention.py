@@ -214,6 +214,8 @@ def paged_attention_splits(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if tiles is not None:
         block_q, block_n, warps, stages = max(1, tiles[0] // group_p), *tiles[1:]
     num_seqs = seq_lens.shape[0]
+    if block_tables.stride(-1) != 1:  # the kernel steps along a table row with unit stride
+        block_tables = block_tables.contiguous()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_tokens == 0 or num_seqs == 0:
         return out
