@@ -52,11 +52,18 @@ class SchedulerConfig:
     # usually helped by the prefix cache); swapping costs two PCIe copies of its KV blocks. Below a
     # few thousand tokens the prefill is cheaper than the round trip plus the wait for swap-in.
     swap_threshold_tokens: int = 2048
+    # Decode steps run per scheduling round when every running request is decoding and no
+    # waiting request could be admitted: the runner feeds each sampled token straight back on the
+    # device, so the host's per-step work (plan, inputs, results) is paid once per round. Tokens
+    # past a stop are discarded. None: 8 on CUDA, 1 on CPU.
+    num_decode_steps: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.max_num_seqs > 0, "max_num_seqs", self.max_num_seqs, "a positive integer")
         _check(self.max_num_batched_tokens > 0, "max_num_batched_tokens",
                self.max_num_batched_tokens, "a positive integer")
+        _check(self.num_decode_steps is None or 1 <= self.num_decode_steps <= 64,
+               "num_decode_steps", self.num_decode_steps, "an integer in [1, 64] or null")
         _check(self.preemption_mode in PREEMPTION_MODES, "preemption_mode", self.preemption_mode,
                " | ".join(PREEMPTION_MODES))
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -27,6 +27,8 @@ class _Sample:
     text: str = ""
     stop_reason: int | str | None = None
     done: bool = False
+    num_seen: int = 0  # output tokens the engine has processed
+    keep: int | None = None  # a stop string ended the text after this many tokens
 
 
 @dataclass(slots=True)
@@ -111,6 +113,8 @@ class LLMEngine:
                                   self.eos_token_id)
         if self.device.type == "cuda" and self.backend == "triton" and not config.enforce_eager:
             self.runner.capture_decode_graphs(min(sched.max_num_seqs, 512), self.max_model_len)
+        if sched.num_decode_steps is None:
+            sched = replace(sched, num_decode_steps=8 if self.device.type == "cuda" else 1)
         self.scheduler = Scheduler(sched, config.cache, num_blocks, num_cpu_blocks, self.max_model_len)
         self.num_blocks, self.num_cpu_blocks = num_blocks, num_cpu_blocks
         self._groups: dict[str, _Group] = {}
@@ -209,23 +213,32 @@ class LLMEngine:
         out = self.runner.execute(plan)
         finished = self.scheduler.update(plan, out)
         stopped: list[Request] = []
+        multi = out.step_token_ids is not None
         for i, req_id in enumerate(out.req_ids):
             sample = self._samples.get(req_id)
-            if sample is None:
+            if sample is None or sample.keep is not None:
                 continue
-            self._num_generated_tokens += 1
-            if out.logprobs is not None:
-                sample.logprobs.append(out.logprobs[i])
-            if out.top_logprobs is not None:
-                sample.top_logprobs.append(out.top_logprobs[i])
-            if req_id in out.errors:
-                continue
-            if sample.detok is not None:
-                sample.text += sample.detok.append([out.sampled_token_ids[i]])
-                if sample.request.sampling_params.stop and not sample.request.is_finished:
-                    hit = self._check_stop(sample)
-                    if hit:
-                        stopped.append(sample.request)
+            req = sample.request
+            # the tokens the scheduler accepted this step (a multi-step chunk may end early)
+            num_new = len(req.output_token_ids) - sample.num_seen
+            tokens = req.output_token_ids[sample.num_seen:]
+            lps = out.step_logprobs[i] if multi else ([out.logprobs[i]] if out.logprobs else None)
+            tops = (out.step_top_logprobs[i] if multi else [out.top_logprobs[i]]) \
+                if out.top_logprobs is not None else None
+            for j in range(num_new):
+                self._num_generated_tokens += 1
+                sample.num_seen += 1
+                if lps is not None:
+                    sample.logprobs.append(lps[j])
+                if tops is not None:
+                    sample.top_logprobs.append(tops[j])
+                if sample.detok is not None:
+                    sample.text += sample.detok.append([tokens[j]])
+                    if req.sampling_params.stop and self._check_stop(sample):
+                        sample.keep = sample.num_seen
+                        if not req.is_finished:
+                            stopped.append(req)
+                        break
         if stopped:
             self.scheduler.finish_requests([r.request_id for r in stopped],
                                            RequestStatus.FINISHED_STOPPED)
@@ -268,11 +281,15 @@ class LLMEngine:
             if s.detok is None and self.tokenizer is not None:
                 s.text = self.tokenizer.decode(req.output_token_ids,
                                                skip_special_tokens=req.sampling_params.skip_special_tokens)
+            keep = s.keep if s.keep is not None else len(req.output_token_ids)
+            if s.keep is not None:
+                reason = "stop"
+            logprobs = s.logprobs[:keep]
             outputs.append(CompletionOutput(
-                index=req.sample_index, text=s.text, token_ids=list(req.output_token_ids),
-                cumulative_logprob=sum(s.logprobs) if s.logprobs else None,
-                logprobs=s.logprobs if req.sampling_params.logprobs is not None else None,
-                top_logprobs=(s.top_logprobs if req.sampling_params.logprobs else None),
+                index=req.sample_index, text=s.text, token_ids=list(req.output_token_ids[:keep]),
+                cumulative_logprob=sum(logprobs) if logprobs else None,
+                logprobs=logprobs if req.sampling_params.logprobs is not None else None,
+                top_logprobs=(s.top_logprobs[:keep] if req.sampling_params.logprobs else None),
                 finish_reason=reason, stop_reason=stop_reason))
             m = req.metrics
             for name in ("first_scheduled_time", "first_token_time"):

@@ -42,6 +42,9 @@ class ScheduledChunk:
     num_computed_tokens: int
     block_table: list[int]
     sample: bool
+    # Multi-step decode: the runner computes this many tokens one after another, each fed by the
+    # one sampled before it (block_table already covers them all). 1 for ordinary chunks.
+    num_steps: int = 1
 
 
 @dataclass(slots=True)
@@ -55,6 +58,7 @@ class SchedulerOutput:
     copy_blocks: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) copy-on-write
     finished_req_ids: list[str] = field(default_factory=list)  # runner drops their state
     preempted_req_ids: list[str] = field(default_factory=list)
+    num_steps: int = 1  # > 1: a multi-step decode plan (every chunk is one decode token)
 
     @property
     def num_scheduled_tokens(self) -> int:
@@ -74,6 +78,11 @@ class RunnerOutput:
     logprobs: list[float] | None = None  # log p of each sampled token (after temperature=1 softmax)
     top_logprobs: list[dict[int, float]] | None = None  # when some request asked for logprobs > 0
     errors: dict[str, str] = field(default_factory=dict)  # req_id -> why it failed (NaN logits…)
+    # Multi-step plans: per request, the token (and log p, top log-probs) of every sub-step;
+    # only the first `chunk.num_steps` entries of each request are meaningful.
+    step_token_ids: list[list[int]] | None = None
+    step_logprobs: list[list[float]] | None = None
+    step_top_logprobs: list[list[dict[int, float]]] | None = None
 
 
 @dataclass(slots=True)

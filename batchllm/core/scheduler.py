@@ -48,6 +48,7 @@ class Scheduler:
         self._finished_ids: list[str] = []  # told to the runner by the next plan
         self._seq = 0
         self.num_preemptions = self.num_swapped_out = 0
+        self.num_multi_step_rounds = 0
         self.prefix_cache_queries = self.prefix_cache_hits = 0
 
     # ------------------------------------------------------------------ requests in / out
@@ -103,6 +104,7 @@ class Scheduler:
     @property
     def stats(self) -> dict:
         return {"num_preemptions": self.num_preemptions, "num_swapped_out": self.num_swapped_out,
+                "num_multi_step_rounds": self.num_multi_step_rounds,
                 "prefix_cache_queries": self.prefix_cache_queries,
                 "prefix_cache_hits": self.prefix_cache_hits, "kv_cache_usage": self.kv.pool.usage,
                 "num_running": len(self.running) - sum(r.is_finished for r in self.running),
@@ -115,6 +117,8 @@ class Scheduler:
             self._running_dirty = False
         plan = SchedulerOutput(finished_req_ids=self._finished_ids)
         self._finished_ids = []
+        if self._schedule_multi_step(plan):
+            return plan
         budget = self.config.max_num_batched_tokens
         budget, preempted = self._schedule_running(plan, budget)
         if not preempted:
@@ -145,6 +149,43 @@ class Scheduler:
             budget -= n
             i += 1
         return budget, preempted
+
+    def _schedule_multi_step(self, plan: SchedulerOutput) -> bool:
+        """Plan several decode steps at once when nothing else could run: every running request
+        is decoding, nothing is swapped out, and the first waiting request would not fit now.
+        Each request gets up to `num_decode_steps` tokens, fewer where max_tokens or the model
+        length ends it sooner. Returns False (plan untouched but for copy-on-write copies already
+        made) when it does not apply or blocks run short; the ordinary path then takes over."""
+        steps = self.config.num_decode_steps or 1
+        running = self.running
+        if (steps <= 1 or not running or self.swapped
+                or len(running) > self.config.max_num_batched_tokens):
+            return False
+        for req in running:
+            if self._num_new_tokens(req, 2) != 1 or req.num_tokens - req.num_computed_tokens != 1:
+                return False
+        if self.waiting and len(running) < self.config.max_num_seqs:
+            first = next(iter(self.waiting.values()))
+            if self.kv.num_free_blocks >= cdiv(first.num_tokens, self.block_size) + len(running):
+                return False  # it could be admitted: take an ordinary step
+        counts = []
+        for req in running:
+            params = req.sampling_params
+            k = min(steps, self.max_model_len - req.num_tokens + 1)
+            if params.max_tokens is not None:
+                k = min(k, params.max_tokens - req.num_output_tokens)
+            k = max(k, 1)
+            copies = self.kv.allocate_slots(req, k)
+            if copies is None:
+                return False
+            plan.copy_blocks.extend(copies)
+            counts.append(k)
+        for req, k in zip(running, counts):
+            self._add_chunk(plan, req, 1)
+            plan.chunks[-1].num_steps = k
+        plan.num_steps = max(counts)
+        self.num_multi_step_rounds += 1
+        return True
 
     def _schedule_swapped(self, plan: SchedulerOutput, budget: int) -> int:
         while self.swapped and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -271,6 +312,7 @@ class Scheduler:
     def update(self, plan: SchedulerOutput, output: RunnerOutput) -> list[Request]:
         """Apply a step's results: advance progress, append tokens, finish what stopped."""
         sampled = dict(zip(output.req_ids, output.sampled_token_ids))
+        steps = dict(zip(output.req_ids, output.step_token_ids or []))
         now = time.time()
         for chunk in plan.chunks:
             req = self.requests.get(chunk.req_id)
@@ -283,6 +325,9 @@ class Scheduler:
                 self._finish(req, RequestStatus.FINISHED_ERROR)
                 continue
             if not chunk.sample:
+                continue
+            if chunk.num_steps > 1 or plan.num_steps > 1:
+                self._update_multi_step(req, chunk, steps.get(chunk.req_id), now)
                 continue
             if chunk.req_id not in sampled:
                 req.error = f"request {chunk.req_id!r}: the runner returned no sampled token"
@@ -301,3 +346,21 @@ class Scheduler:
                 self._finish(req, RequestStatus.FINISHED_ERROR)
         finished, self._finished = self._finished, []
         return finished
+
+    def _update_multi_step(self, req: Request, chunk: ScheduledChunk, tokens: list[int] | None,
+                           now: float) -> None:
+        """Append a multi-step chunk's tokens one by one, stopping at the first stop condition."""
+        if tokens is None or len(tokens) < chunk.num_steps:
+            req.error = f"request {chunk.req_id!r}: the runner returned too few sampled tokens"
+            self._finish(req, RequestStatus.FINISHED_ERROR)
+            return
+        for j in range(chunk.num_steps):
+            req.num_computed_tokens = chunk.num_computed_tokens + j + 1
+            self.kv.cache_computed_blocks(req)
+            req.append_output_token(int(tokens[j]))
+            if req.metrics.first_token_time is None:
+                req.metrics.first_token_time = now
+            status = req.check_stop(self.max_model_len)
+            if status is not None:
+                self._finish(req, status)
+                return

@@ -24,6 +24,17 @@ class SamplerResult:
 
 
 @dataclass(slots=True)
+class DeviceSample:
+    """One step's samples, still on the device (no host sync yet)."""
+
+    tokens: torch.Tensor  # [B] int64
+    token_logprobs: torch.Tensor  # [B] float32
+    bad_rows: torch.Tensor  # [B] bool: non-finite logits
+    top: object | None  # torch.return_types.topk of log-probs, when some row asked
+    num_top: list[int]  # how many top log-probs each row asked for
+
+
+@dataclass(slots=True)
 class _RequestState:
     params: SamplingParams
     generator: torch.Generator | None
@@ -92,28 +103,61 @@ class Sampler:
     @torch.no_grad()
     def sample(self, logits: torch.Tensor, req_ids: list[str]) -> SamplerResult:
         """One token per row of `logits` [B, V] (float32) for the requests `req_ids`, in order."""
+        return self.to_host(self.sample_on_device(logits, req_ids), req_ids)
+
+    @torch.no_grad()
+    def sample_on_device(self, logits: torch.Tensor, req_ids: list[str]) -> DeviceSample:
+        """Sample without a host sync: the results stay on the device until `to_host`."""
         states = [self._reqs[r] for r in req_ids]
         params = [s.params for s in states]
         logits = logits.float()
-        bad_rows = ~torch.isfinite(logits).all(dim=-1)
-        raw_logprobs = torch.log_softmax(logits, dim=-1)
-
-        logits = self._apply_penalties(logits.clone(), states)
-        self._mask_until_min_tokens(logits, states)
-        greedy_tokens = logits.argmax(dim=-1)
-        sampled = self._sample_random(logits, states, params)
-        greedy = self._tensor([p.greedy for p in params], torch.bool)
-        tokens = torch.where(greedy, greedy_tokens, sampled) if sampled is not None else greedy_tokens
+        simple = not any(s.penalty_slot is not None or s.num_outputs < s.params.min_tokens
+                         for s in states)
+        if simple and all(p.greedy for p in params):
+            # Fast path: argmax of the raw logits; log p(token) = logit - logsumexp. Two passes
+            # over the logits instead of materializing log_softmax, a clone and a mask.
+            tokens = logits.argmax(dim=-1)
+            lse = torch.logsumexp(logits, dim=-1)
+            bad_rows = ~torch.isfinite(lse)
+            token_logprobs = logits.gather(1, tokens[:, None])[:, 0] - lse
+            raw_logprobs = None
+        else:
+            bad_rows = ~torch.isfinite(logits).all(dim=-1)
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+            if not simple:
+                logits = self._apply_penalties(logits.clone(), states)
+                self._mask_until_min_tokens(logits, states)
+            greedy_tokens = logits.argmax(dim=-1)
+            sampled = self._sample_random(logits, states, params)
+            if sampled is not None:
+                greedy = self._tensor([p.greedy for p in params], torch.bool)
+                tokens = torch.where(greedy, greedy_tokens, sampled)
+            else:
+                tokens = greedy_tokens
+            token_logprobs = raw_logprobs.gather(1, tokens[:, None])[:, 0]
         tokens = torch.where(bad_rows, torch.zeros_like(tokens), tokens)
-        token_logprobs = raw_logprobs.gather(1, tokens[:, None])[:, 0]
-
         self._count_outputs(tokens, states)
         k = max((p.logprobs or 0) for p in params)
-        parts = [tokens.double()[:, None], token_logprobs.double()[:, None], bad_rows.double()[:, None]]
+        top = None
         if k > 0:
-            top_vals, top_ids = raw_logprobs.topk(k, dim=-1)
-            parts += [top_vals.double(), top_ids.double()]
-        host = torch.cat(parts, dim=1).cpu()  # the one host sync of the step
+            if raw_logprobs is None:
+                raw_logprobs = torch.log_softmax(logits, dim=-1)
+            top = raw_logprobs.topk(k, dim=-1)
+        return DeviceSample(tokens, token_logprobs, bad_rows, top, [p.logprobs or 0 for p in params])
+
+    def to_host(self, d: DeviceSample, req_ids: list[str]) -> SamplerResult:
+        """Copy one step's samples to the host (the one sync) and shape them per request."""
+        parts = [d.tokens.double()[:, None], d.token_logprobs.double()[:, None], d.bad_rows.double()[:, None]]
+        k = 0
+        if d.top is not None:
+            k = d.top.values.shape[1]
+            parts += [d.top.values.double(), d.top.indices.double()]
+        host = torch.cat(parts, dim=1).cpu()
+        return self.result_from_host(host, k, d.num_top, req_ids)
+
+    @staticmethod
+    def result_from_host(host: torch.Tensor, k: int, num_top: list[int],
+                         req_ids: list[str]) -> SamplerResult:
         token_ids = host[:, 0].long().tolist()
         logprobs = host[:, 1].tolist()
         errors = {req_ids[i]: ("NaN or infinite logits: the model produced non-finite values for "
@@ -122,8 +166,7 @@ class Sampler:
         top = None
         if k > 0:
             vals, ids = host[:, 3:3 + k].tolist(), host[:, 3 + k:].long().tolist()
-            top = [dict(zip(ids[i][:p.logprobs or 0], vals[i][:p.logprobs or 0]))
-                   for i, p in enumerate(params)]
+            top = [dict(zip(ids[i][:n], vals[i][:n])) for i, n in enumerate(num_top)]
         return SamplerResult(token_ids, logprobs, top, errors)
 
     def _apply_penalties(self, logits: torch.Tensor, states: list[_RequestState]) -> torch.Tensor:

@@ -7,7 +7,6 @@ Mixed and prefill steps run eagerly.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from batchllm.layers.attention import AttentionMetadata
@@ -36,9 +35,6 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(max_batch, dtype=i32, device=device)
         self.query_start_loc = torch.arange(max_batch + 1, dtype=i32, device=device)
         self.block_tables = torch.zeros((max_batch, max_blocks_per_seq), dtype=i32, device=device)
-        # pinned host staging: one copy per buffer per step
-        self._host = {name: torch.empty_like(getattr(self, name), device="cpu").pin_memory()
-                      for name in ("input_ids", "positions", "slot_mapping", "seq_lens", "block_tables")}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.sizes = capture_sizes(max_batch)
@@ -70,28 +66,26 @@ class DecodeGraphs:
                 return s
         return None
 
-    def run(self, input_ids: np.ndarray, positions: np.ndarray, slot_mapping: np.ndarray,
-            seq_lens: np.ndarray, block_tables: np.ndarray) -> torch.Tensor:
-        """Logits [num_reqs, vocab] of one decode step (a view into the graph's output)."""
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+            seq_lens: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+        """Logits [b, vocab] of one decode step of b requests (a view into the graph's output).
+
+        Inputs are device tensors of b rows; they are copied into the static buffers on the
+        device (no host sync), and rows b..n-1 of the padded size are neutralized."""
         b = input_ids.shape[0]
         n = self.size_for(b)
         assert n is not None, (b, self.max_batch)
-        h = self._host
-        h["input_ids"][:b] = torch.from_numpy(input_ids)
-        h["input_ids"][b:n] = 0
-        h["positions"][:b] = torch.from_numpy(positions)
-        h["positions"][b:n] = 0
-        h["slot_mapping"][:b] = torch.from_numpy(slot_mapping)
-        h["slot_mapping"][b:n] = -1
-        h["seq_lens"][:b] = torch.from_numpy(seq_lens.astype(np.int32))
-        h["seq_lens"][b:n] = 1
         width = block_tables.shape[1]
-        h["block_tables"][:b, :width] = torch.from_numpy(block_tables.astype(np.int32))
-        h["block_tables"][b:n, :1] = 0
-        self.input_ids[:n].copy_(h["input_ids"][:n], non_blocking=True)
-        self.positions[:n].copy_(h["positions"][:n], non_blocking=True)
-        self.slot_mapping[:n].copy_(h["slot_mapping"][:n], non_blocking=True)
-        self.seq_lens[:n].copy_(h["seq_lens"][:n], non_blocking=True)
-        self.block_tables[:n, :width].copy_(h["block_tables"][:n, :width], non_blocking=True)
+        self.input_ids[:b].copy_(input_ids)
+        self.positions[:b].copy_(positions)
+        self.slot_mapping[:b].copy_(slot_mapping)
+        self.seq_lens[:b].copy_(seq_lens)
+        self.block_tables[:b, :width].copy_(block_tables)
+        if n > b:
+            self.input_ids[b:n].zero_()
+            self.positions[b:n].zero_()
+            self.slot_mapping[b:n].fill_(-1)
+            self.seq_lens[b:n].fill_(1)
+            self.block_tables[b:n, 0].zero_()
         self.graphs[n].replay()
         return self.logits[n][:b]

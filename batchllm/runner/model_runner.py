@@ -107,6 +107,8 @@ class ModelRunner:
             self.sampler.add_request(new, self.eos_token_id)
         if not plan.chunks:
             return RunnerOutput()
+        if plan.num_steps > 1:
+            return self._run_multi_step(plan.chunks, plan.num_steps)
         return self._run(plan.chunks)
 
     def _run(self, chunks: list[ScheduledChunk]) -> RunnerOutput:
@@ -130,8 +132,10 @@ class ModelRunner:
     def _forward_and_sample(self, chunks: list[ScheduledChunk]) -> RunnerOutput:
         hb = build_host_batch(chunks, self.block_size)
         if self.graphs is not None and hb.is_decode and len(chunks) <= self.graphs.max_batch:
-            logits = self.graphs.run(hb.input_ids, hb.positions, hb.slot_mapping, hb.seq_lens,
-                                     hb.block_tables)
+            logits = self.graphs.run(self._to_device(hb.input_ids), self._to_device(hb.positions),
+                                     self._to_device(hb.slot_mapping),
+                                     self._to_device(hb.seq_lens.astype(np.int32)),
+                                     self._to_device(hb.block_tables.astype(np.int32)))
         else:
             logits = self._logits_eager(hb)
         if not hb.sample_req_ids:
@@ -140,6 +144,74 @@ class ModelRunner:
         return RunnerOutput(req_ids=hb.sample_req_ids, sampled_token_ids=result.token_ids,
                             logprobs=result.logprobs, top_logprobs=result.top_logprobs,
                             errors=result.errors)
+
+    def _run_multi_step(self, chunks: list[ScheduledChunk], num_steps: int) -> RunnerOutput:
+        """Several decode steps in a row, each fed by the tokens sampled on the device before it;
+        one host sync at the end. Request i is active for its first chunk.num_steps sub-steps;
+        after that it writes nowhere (slot -1) and its samples are ignored.
+
+            sub-step s of request i:  position p_i + min(s, k_i - 1),  slot -1 once s >= k_i
+        """
+        bs = self.block_size
+        hb = build_host_batch(chunks, bs)
+        num_reqs = len(chunks)
+        k = np.fromiter((c.num_steps for c in chunks), dtype=np.int64, count=num_reqs)
+        s = np.arange(num_steps)[:, None]
+        active = s < k[None, :]
+        pos = hb.positions[None, :] + np.minimum(s, k[None, :] - 1)  # [steps, reqs]
+        rows = np.broadcast_to(np.arange(num_reqs)[None, :], pos.shape)
+        slots = np.where(active, hb.block_tables[rows, pos // bs] * bs + pos % bs, -1)
+        positions = self._to_device(np.ascontiguousarray(pos))
+        slot_mapping = self._to_device(np.ascontiguousarray(slots))
+        seq_lens = self._to_device((pos + 1).astype(np.int32))
+        block_tables = self._to_device(hb.block_tables.astype(np.int32))
+        query_start = self._to_device(np.arange(num_reqs + 1, dtype=np.int32))
+        ids = self._to_device(hb.input_ids)
+        req_ids = hb.sample_req_ids
+        use_graphs = self.graphs is not None and num_reqs <= self.graphs.max_batch
+        samples = []
+        for step in range(num_steps):
+            if use_graphs:
+                logits = self.graphs.run(ids, positions[step], slot_mapping[step], seq_lens[step],
+                                         block_tables)
+            else:
+                meta = AttentionMetadata(slot_mapping[step], query_start, seq_lens[step], block_tables,
+                                         max_query_len=1, max_seq_len=int(pos[step].max()) + 1)
+                hidden = self.model(ids, positions[step], self.layer_caches, meta)
+                logits = self.model.compute_logits(hidden)
+            sample = self.sampler.sample_on_device(logits, req_ids)
+            samples.append(sample)
+            ids = sample.tokens
+        results = self._samples_to_host(samples, req_ids)
+        step_tokens = [[r.token_ids[i] for r in results] for i in range(num_reqs)]
+        step_logprobs = [[r.logprobs[i] for r in results] for i in range(num_reqs)]
+        step_top = None
+        if results[0].top_logprobs is not None:
+            step_top = [[r.top_logprobs[i] for r in results] for i in range(num_reqs)]
+        errors: dict[str, str] = {}
+        for step, r in enumerate(results):
+            for rid, message in r.errors.items():
+                if active[step, req_ids.index(rid)]:
+                    errors.setdefault(rid, message)
+        return RunnerOutput(req_ids=req_ids, sampled_token_ids=[t[0] for t in step_tokens],
+                            logprobs=[lp[0] for lp in step_logprobs],
+                            top_logprobs=[t[0] for t in step_top] if step_top else None,
+                            errors=errors, step_token_ids=step_tokens, step_logprobs=step_logprobs,
+                            step_top_logprobs=step_top)
+
+    def _samples_to_host(self, samples, req_ids: list[str]):
+        """All sub-steps' samples in one device-to-host copy."""
+        k = samples[0].top.values.shape[1] if samples[0].top is not None else 0
+        cols = []
+        for d in samples:
+            parts = [d.tokens.double()[:, None], d.token_logprobs.double()[:, None],
+                     d.bad_rows.double()[:, None]]
+            if k:
+                parts += [d.top.values.double(), d.top.indices.double()]
+            cols.append(torch.cat(parts, dim=1))
+        host = torch.stack(cols).cpu()  # [steps, reqs, columns]: the one host sync
+        return [self.sampler.result_from_host(host[i], k, samples[i].num_top, req_ids)
+                for i in range(len(samples))]
 
     def activation_bytes_estimate(self, num_tokens: int, num_sampled: int) -> int:
         """Device memory one full step needs beyond weights and cache, kept on the safe side:
