@@ -30,10 +30,28 @@ def machine_info() -> dict:
                 commit=commit, date=time.strftime("%Y-%m-%d %H:%M:%S"))
 
 
+# Engine settings for throughput runs (recorded in each JSON): room for 512 sequences at once
+# (every workload here fits in the KV cache at that concurrency) and 16k-token prefill steps.
+THROUGHPUT_ENGINE = dict(max_num_seqs=512, max_num_batched_tokens=16384)
+
+
+def parse_sets(items: list[str]) -> dict:
+    """`key=value` engine overrides from the command line (values parsed as YAML scalars)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def make_llm(model_dir: Path, **overrides: object) -> LLM:
-    """An engine on the dummy weights of `model_dir` (bf16, no tokenizer), engine defaults otherwise."""
+    """An engine on the dummy weights of `model_dir` (bf16, no tokenizer), THROUGHPUT_ENGINE
+    settings, engine defaults otherwise."""
     kwargs: dict = dict(dtype="bfloat16", load_format="dummy", skip_tokenizer_init=True, seed=0,
                         max_model_len=4096)
+    kwargs.update(THROUGHPUT_ENGINE)
     kwargs.update(overrides)
     return LLM(str(model_dir), **kwargs)
 

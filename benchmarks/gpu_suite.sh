@@ -2,6 +2,7 @@
 # GPU suite: kernel tests on CUDA, correctness against HF, kernel and throughput benchmarks.
 # Usage: benchmarks/gpu_suite.sh OUTDIR [STEP ...]
 #   steps (default: all, in this order): tests parity kernels hf W-8B W-nano W-prefix W-pressure
+#   (also: profile, W-hf)
 # Each step writes OUTDIR/<step>.log (and a JSON where it has figures); a short table comes last.
 # Steps are independent, so a long suite can be split over several runs into the same OUTDIR.
 set -u
@@ -34,6 +35,7 @@ for step in $STEPS; do
                run_step parity $PY benchmarks/gpu_parity.py --json "$OUT/parity.json"
              else echo "== parity: benchmarks/gpu_parity.py not present, skipped"; fi ;;
     kernels) run_step kernels $PY benchmarks/kernel_bench.py --json "$OUT/kernels.json" ;;
+    profile) run_step profile $PY benchmarks/step_profile.py --json "$OUT/profile.json" ;;
     hf)      run_step W-hf-side-by-side $PY benchmarks/hf_side_by_side.py --json "$OUT/W-hf-side-by-side.json" ;;
     W-*)     run_step "$step" $PY benchmarks/throughput.py --workload "$step" --json "$OUT/$step.json" ;;
     *)       echo "unknown step $step (tests parity kernels hf W-8B W-nano W-hf W-prefix W-pressure)"; status=1 ;;

@@ -15,8 +15,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (count_output_tokens, greedy, machine_info, make_llm, rates,  # noqa: E402
-                               release, timed_generate, write_json)
+from benchmarks.common import (THROUGHPUT_ENGINE, count_output_tokens, greedy,  # noqa: E402
+                               machine_info, make_llm, parse_sets, rates, release, timed_generate,
+                               write_json)
 from benchmarks.roofline import workload_floor
 from benchmarks.shapes import shape_stats, write_model_dir  # noqa: E402
 from benchmarks.workloads import WORKLOADS, Workload, build_workload, warmup_workload  # noqa: E402
@@ -140,7 +141,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", required=True, choices=WORKLOADS)
     ap.add_argument("--json", default=None, help="write the figures here as JSON")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="engine setting for every run (e.g. num_decode_steps=1)")
     args = ap.parse_args()
+    THROUGHPUT_ENGINE.update(parse_sets(args.set))
     if not torch.cuda.is_available():
         raise SystemExit("throughput.py needs a CUDA GPU (the figures are GPU figures)")
     work = build_workload(args.workload)
@@ -154,7 +158,7 @@ def main() -> None:
             figures = bench_plain(model_dir, work)
     write_json(args.json, dict(workload=args.workload, shape=work.shape, num_requests=len(work.prompts),
                                prompt_tokens=work.num_prompt_tokens, output_tokens=work.num_output_tokens,
-                               **machine_info(), figures=figures))
+                               engine_settings=THROUGHPUT_ENGINE, **machine_info(), figures=figures))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(max_batch, dtype=i32, device=device)
         self.query_start_loc = torch.arange(max_batch + 1, dtype=i32, device=device)
         self.block_tables = torch.zeros((max_batch, max_blocks_per_seq), dtype=i32, device=device)
+        vocab = model.config.vocab_size
+        self.logits_buffer = torch.empty((max_batch, vocab), dtype=torch.float32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.sizes = capture_sizes(max_batch)
@@ -44,8 +46,12 @@ class DecodeGraphs:
                                  self.block_tables[:n], max_query_len=1, max_seq_len=self.max_model_len)
 
     def _forward(self, n: int) -> torch.Tensor:
+        """Logits of the first n rows, written into the one static buffer all sizes share (a
+        graph's temporaries are freed into the shared pool; only this buffer outlives them)."""
         hidden = self.model(self.input_ids[:n], self.positions[:n], self.layer_caches, self._meta(n))
-        return self.model.compute_logits(hidden)
+        out = self.logits_buffer[:n]
+        out.copy_(self.model.compute_logits(hidden))
+        return out
 
     @torch.inference_mode()
     def capture(self) -> None:
