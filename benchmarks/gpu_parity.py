@@ -1,7 +1,8 @@
 """GPU correctness: every supported family against HF transformers on the same random weights.
 
 For each family (llama, mistral, qwen2, qwen3) and each kernel backend (torch, triton):
-- float32 greedy generation equals HF `generate` token for token (TF32 off on both sides);
+- float32 greedy generation equals HF `generate` token for token (TF32 off on both sides; HF's
+  min_new_tokens masks EOS, so ours masks it too with min_tokens);
 - bfloat16 teacher-forced logits: our error against HF float32 is at most 2x HF-bfloat16's own
   error against HF float32, plus 0.02 — bf16 rounding of 8 mantissa bits makes ~1e-2 relative
   logit noise unavoidable; a wrong rotary, norm or mask gives errors of order 1.
@@ -77,7 +78,7 @@ def main() -> None:
         for backend in ("torch", "triton"):
             llm = LLM(str(d), dtype="float32", device="cuda", attention_backend=backend,
                       gpu_memory_utilization=0.3, block_size=16)
-            outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
+            outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16, min_tokens=16, ignore_eos=True))
             got = [o.outputs[0].token_ids for o in outs]
             fp32_logit_err = (teacher_forced_logits(llm, long_ids) - ref32).abs().max().item()
             del llm

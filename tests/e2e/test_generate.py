@@ -28,7 +28,8 @@ def make_prompts(vocab: int, lengths: list[int], seed: int = 0, shared: int = 0)
 
 
 VOCAB = 250  # below the tiny tokenizer's vocabulary (274)
-GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+# min_tokens masks EOS as HF generate(min_new_tokens=...) does
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, min_tokens=12, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")

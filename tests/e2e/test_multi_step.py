@@ -16,7 +16,7 @@ def test_greedy_matches_hf_with_uneven_lengths(tiny_model_dir):
     lengths = [3, 12, 7, 1]  # not multiples of the 4 steps: requests end mid-round
     want = [hf_greedy(tiny_model_dir, [p], n)[0] for p, n in zip(prompts, lengths)]
     llm = llm_for(tiny_model_dir, 4)
-    outs = llm.generate(prompts, [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+    outs = llm.generate(prompts, [SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n, ignore_eos=True)
                                   for n in lengths])
     assert [o.outputs[0].token_ids for o in outs] == want
     assert all(o.outputs[0].finish_reason == "length" for o in outs)
