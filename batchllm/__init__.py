@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):  # lazy: `import batchllm` must not import torch
     if name == "LLM":
-        from batchllm.engine import LLM
+        from batchllm.llm import LLM
 
         return LLM
     if name in ("run_job", "JobSpec"):

@@ -30,7 +30,7 @@ class EngineLike(Protocol):
 
 def build_engine(spec: JobSpec) -> EngineLike:
     """Load the job's model into a streaming engine (the only place jobs/ imports the engine)."""
-    from batchllm.engine import LLM
+    from batchllm.llm import LLM
 
     try:
         llm = LLM(spec.model, tokenizer=spec.tokenizer, **spec.engine)
