@@ -4,6 +4,7 @@ Row-level problems never raise: they come back as a Prepared with `error` set (o
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,7 +87,7 @@ class Preprocessor:
             p.error = r.error
             return p
         try:
-            p.params = self._params(data)
+            p.params = self._params(data, p.row_id)
         except (SamplingParamsError, TypeError, ValueError) as e:
             p.error = f"row {r.row} of {shard.name}: invalid per-row parameter: {e}"
             return p
@@ -120,11 +121,15 @@ class Preprocessor:
         stem = Path(shard.name).stem if shard.path is not None else "input"
         return f"{stem}-{row}"
 
-    def _params(self, data: dict[str, Any]) -> SamplingParams:
+    def _params(self, data: dict[str, Any], row_id: str) -> SamplingParams:
         overrides = {k: data[k] for k in ROW_OVERRIDES if data.get(k) is not None}
-        if not overrides:
-            return self.base_params
-        return self.base_params.with_overrides(**overrides)
+        params = self.base_params.with_overrides(**overrides) if overrides else self.base_params
+        if not params.greedy and params.seed is None:
+            # A sampled row without a seed of its own gets one derived from the job's seed and
+            # its id: its text then depends neither on batch composition nor on where a resume
+            # restarted, so a resumed job equals an uninterrupted one in sampling too.
+            params = params.with_overrides(seed=row_seed(self.spec.engine.get("seed", 0), row_id))
+        return params
 
     def _prompt_ids(self, data: dict[str, Any]) -> list[int]:
         kind, column = self.kind, self.column
@@ -155,6 +160,12 @@ class Preprocessor:
 
 class _RowError(ValueError):
     pass
+
+
+def row_seed(job_seed: object, row_id: str) -> int:
+    """A stable 31-bit seed for one row: the same job seed and row id always give the same seed."""
+    digest = hashlib.sha256(f"{job_seed}\x00{row_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def _messages(value: Any, column: str) -> list[dict[str, Any]]:
