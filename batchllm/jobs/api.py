@@ -7,9 +7,10 @@ from typing import Any, Callable, Mapping
 
 from batchllm.jobs.checkpoint import FolderLock, claim_folder, job_details, scan_committed
 from batchllm.jobs.engine_api import EngineLike, build_engine
-from batchllm.jobs.errors import JobError, JobInterrupted
+from batchllm.jobs.errors import JobError, JobInterrupted, JobSpecError
 from batchllm.jobs.executor import JobExecutor, RunFigures, StopSignal
 from batchllm.jobs.finalize import finalize
+from batchllm.jobs.parallel import Coordinator, worker_devices
 from batchllm.jobs.prepare import JobPlan, plan_job
 from batchllm.jobs.preprocess import Preprocessor
 from batchllm.jobs.progress import NullProgress, ProgressSink, progress_callback
@@ -52,6 +53,7 @@ def run_job(spec: "str | Path | Mapping[str, Any] | JobSpec", *, overwrite: bool
     plan = plan_job(load_spec(spec, overrides))
     spec = plan.spec
     folder = Path(spec.output.path)
+    devices = _replicas(spec, engine)
     notices: list[str] = []
 
     def notice(message: str) -> None:
@@ -73,9 +75,16 @@ def run_job(spec: "str | Path | Mapping[str, Any] | JobSpec", *, overwrite: bool
         rows_before = committed.rows_done(plan.units)
         previous = read_summary(folder) if resumed else None
         ex: JobExecutor | None = None
+        coord: Coordinator | None = None
         status = "failed"
         try:
-            if rows_before < plan.rows_total:
+            if rows_before < plan.rows_total and len(devices) > 1:
+                coord = Coordinator(plan, committed, devices, folder=folder,
+                                    stop=stop or StopSignal(), progress=progress or NullProgress(),
+                                    rows_before=rows_before, notice=notice,
+                                    engine_factory=engine_factory)
+                coord.run()
+            elif rows_before < plan.rows_total:
                 if engine is None:
                     engine = (engine_factory or build_engine)(spec)
                 prep = Preprocessor.for_job(spec, plan.shards, engine.tokenizer,
@@ -99,8 +108,10 @@ def run_job(spec: "str | Path | Mapping[str, Any] | JobSpec", *, overwrite: bool
             e.committed = (_committed_rows(folder, plan.rows_total), plan.rows_total)
             raise
         finally:
-            figures = ex.figures if ex is not None else RunFigures()
-            summary = build_summary(folder, plan.rows_total, figures, previous, status)
+            figures = (ex.figures if ex is not None else coord.figures() if coord is not None
+                       else RunFigures())
+            summary = build_summary(folder, plan.rows_total, figures, previous, status,
+                                    workers=coord.worker_records() if coord is not None else None)
             if notices:
                 summary["notices"] = notices
             try:
@@ -109,6 +120,19 @@ def run_job(spec: "str | Path | Mapping[str, Any] | JobSpec", *, overwrite: bool
                 pass  # the chunks are the truth; a missing summary is rebuilt next run
         files = finalize(folder) if finalize_outputs or spec.output.format == "openai-batch" else []
     return JobResult(folder, summary, files, resumed)
+
+
+def _replicas(spec: JobSpec, engine: EngineLike | None) -> list[str | None]:
+    """The engine replicas to run (engine.data_parallel_size); one means this process's engine."""
+    if spec.data_parallel_size == 1:
+        return [None]
+    devices = worker_devices(spec)
+    if engine is not None and len(devices) > 1:
+        raise JobSpecError(f"{spec.source or 'job'}: engine.data_parallel_size="
+                           f"{spec.data_parallel_size} builds one engine per worker process; it "
+                           "cannot share the engine passed to run_job(engine=...). Pass "
+                           "engine_factory= (a module-level function) or drop one of the two.")
+    return devices
 
 
 def _committed_rows(folder: Path, rows_total: int) -> int:

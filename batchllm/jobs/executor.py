@@ -65,7 +65,13 @@ class JobExecutor:
                  engine: EngineLike, prep: Preprocessor, schema: pa.Schema, folder: Path,
                  chunk_rows: int, commit_interval_s: float, max_num_seqs: int,
                  stop: StopSignal | None = None,
-                 on_progress: Callable[[RunFigures, int], None] | None = None) -> None:
+                 on_progress: Callable[[RunFigures, int], None] | None = None,
+                 unit_source: Callable[[], int | None] | None = None,
+                 on_unit_complete: Callable[[int], None] | None = None) -> None:
+        """`unit_source` (data-parallel workers): called whenever the rows run out, it returns the
+        next unit to work on (its committed state already in `committed.units`) or None when
+        there is none; without it every incomplete unit of `units` is worked on, in order.
+        `on_unit_complete(unit)` is called once a unit's last chunk is committed."""
         self.shards, self.units, self.committed = shards, units, committed
         self.engine, self.prep, self.schema = engine, prep, schema
         self.chunk_dir = folder / CHUNKS
@@ -73,6 +79,8 @@ class JobExecutor:
         self.max_in_flight = max(1, IN_FLIGHT_PER_SEQ * max_num_seqs)
         self.stop = stop or StopSignal()
         self.on_progress = on_progress or (lambda figures, in_flight: None)
+        self.unit_source = unit_source
+        self.on_unit_complete = on_unit_complete or (lambda unit: None)
         self.samples = prep.base_params.n > 1
         self.top_logprobs = bool(prep.base_params.logprobs)
         self.open: dict[int, _OpenUnit] = {}
@@ -144,6 +152,9 @@ class JobExecutor:
 
     def _pending_rows(self) -> Iterator[tuple[int, InputRow]]:
         """(unit index, row) for every row not committed yet, in plan order, one pass per shard."""
+        if self.unit_source is not None:
+            yield from self._fed_rows(self.unit_source)
+            return
         todo = [u for u in self.units if not self.committed.units[u.index].complete]
         i = 0
         while i < len(todo):
@@ -164,6 +175,30 @@ class JobExecutor:
                     continue
                 yield unit.index, r
             self._check_unchanged(shard)
+
+    def _fed_rows(self, source: Callable[[], int | None]) -> Iterator[tuple[int, InputRow]]:
+        """Rows of the units `source` hands out, one unit at a time. A reader stays open while the
+        next unit lies further on in the same shard (a worker's units mostly ascend)."""
+        reader: Iterator[InputRow] = iter(())
+        shard, ahead = -1, None  # the reader's shard and its next row (None: exhausted)
+        while (index := source()) is not None:
+            unit = self.units[index]
+            done = self.committed.units[index].done_rows
+            self._check_unchanged(unit.shard)
+            if shard != unit.shard or ahead is None or ahead.row > unit.start:
+                reader, shard = iter_rows(self.shards[unit.shard], start=unit.start), unit.shard
+                ahead = next(reader, None)
+            expected, given = unit.num_rows - len(done), 0
+            while ahead is not None and ahead.row < unit.stop:
+                r, ahead = ahead, next(reader, None)
+                if r.row >= unit.start and r.row not in done:
+                    given += 1
+                    yield index, r
+            self._check_unchanged(unit.shard)
+            if given < expected:
+                raise JobInputError(f"the input had fewer rows than planned (unit {index}: "
+                                    f"{expected - given} row(s) never read); an input shard "
+                                    "changed during the run. Rerun to see which.")
 
     def _check_unchanged(self, index: int) -> None:
         """An input shard must keep the size and mtime it was planned with, for the whole run."""
@@ -237,6 +272,7 @@ class JobExecutor:
         ou.buffer, ou.buffered_rows, ou.last_commit = [], 0, time.monotonic()
         if last:
             del self.open[ou.unit.index]
+            self.on_unit_complete(ou.unit.index)
 
     def _commit_all(self) -> None:
         for ou in list(self.open.values()):

@@ -66,6 +66,9 @@ class JobSpec:
     engine: dict[str, Any] = field(default_factory=dict)
     limits: LimitsSpec = field(default_factory=LimitsSpec)
     source: str | None = None  # the job file it came from, for messages
+    # engine.data_parallel_size: engine replicas (one per GPU), an int >= 1 or "auto". A job-level
+    # setting, kept out of `engine` (the LLM does not take it) and out of the fingerprint.
+    data_parallel_size: int | str = 1
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(**self.sampling)
@@ -113,10 +116,15 @@ def spec_from_dict(raw: Mapping[str, Any], source: str | None = None) -> JobSpec
     inp = _section(InputSpec, "input", raw["input"], where)
     out = _section(OutputSpec, "output", raw["output"], where)
     limits = _section(LimitsSpec, "limits", raw.get("limits") or {}, where)
+    engine = raw.get("engine") or {}
+    if not isinstance(engine, Mapping):
+        raise JobSpecError(f"{where}: `engine` must be a mapping, got {type(engine).__name__}")
+    engine = dict(engine)
     spec = JobSpec(input=inp, output=out, limits=limits, source=source,
                    model=str(raw.get("model") or DEFAULT_MODEL),
                    tokenizer=raw.get("tokenizer"),
-                   sampling=dict(raw.get("sampling") or {}), engine=dict(raw.get("engine") or {}))
+                   sampling=dict(raw.get("sampling") or {}), engine=engine,
+                   data_parallel_size=engine.pop("data_parallel_size", 1))
     validate_spec(spec)
     return spec
 
@@ -152,6 +160,10 @@ def validate_spec(spec: JobSpec) -> None:
         spec.sampling_params()
     except (SamplingParamsError, TypeError) as e:
         raise JobSpecError(f"{where}: sampling: {e}") from None
+    dp = spec.data_parallel_size
+    if dp != "auto" and (not isinstance(dp, int) or isinstance(dp, bool) or dp < 1):
+        raise JobSpecError(f"{where}: engine.data_parallel_size={dp!r} is invalid: expected an "
+                           "integer >= 1 (engine replicas, one per GPU) or 'auto' (every visible GPU)")
     if "model" in spec.engine or "tokenizer" in spec.engine:
         raise JobSpecError(f"{where}: put model / tokenizer at the top level, not under engine")
     try:
@@ -242,5 +254,8 @@ def spec_to_dict(spec: JobSpec) -> dict[str, Any]:
     inp = sec(spec.input)
     if inp.get("data") is None:
         inp.pop("data", None)
+    engine = dict(spec.engine)
+    if spec.data_parallel_size != 1:
+        engine["data_parallel_size"] = spec.data_parallel_size
     return {"model": spec.model, "tokenizer": spec.tokenizer, "input": inp, "output": sec(spec.output),
-            "sampling": dict(spec.sampling), "engine": dict(spec.engine), "limits": sec(spec.limits)}
+            "sampling": dict(spec.sampling), "engine": engine, "limits": sec(spec.limits)}

@@ -33,8 +33,28 @@ def committed_totals(folder: Path) -> dict[str, int]:
     return t
 
 
+def combine_figures(parts: list[RunFigures], elapsed_s: float) -> RunFigures:
+    """Figures of several engine replicas as one run: counts and engine counters summed, KV-cache
+    usage averaged, `elapsed_s` the wall time they shared (so throughput is over wall time)."""
+    total = RunFigures(elapsed_s=elapsed_s)
+    stats: dict[str, Any] = {}
+    for f in parts:
+        total.rows += f.rows
+        total.errors += f.errors
+        total.prompt_tokens += f.prompt_tokens
+        total.output_tokens += f.output_tokens
+        for k, v in f.engine_stats.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                stats[k] = stats.get(k, 0) + v
+    if "kv_cache_usage" in stats:
+        stats["kv_cache_usage"] /= max(1, sum("kv_cache_usage" in f.engine_stats for f in parts))
+    total.engine_stats = stats
+    return total
+
+
 def build_summary(folder: Path, rows_total: int, run: RunFigures, previous: dict[str, Any] | None,
-                  status: str) -> dict[str, Any]:
+                  status: str, workers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """`workers`: one record per data-parallel replica (added as `data_parallel`), if any."""
     totals = committed_totals(folder)
     stats = run.engine_stats
     queries = stats.get("prefix_cache_queries") or 0
@@ -56,6 +76,7 @@ def build_summary(folder: Path, rows_total: int, run: RunFigures, previous: dict
         "prefix_cache_hit_rate": round((stats.get("prefix_cache_hits") or 0) / queries, 4)
         if queries else 0.0,
         "preemptions": int(stats.get("num_preemptions") or 0),
+        **({"data_parallel": {"size": len(workers), "workers": workers}} if workers else {}),
     }
 
 
