@@ -41,6 +41,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
     The step's own K/V must already be written to the cache. Returns [T, H, D] in q's dtype.
     """
+    if max_query_len == 1 and q.shape[0] == seq_lens.shape[0]:
+        return _decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len)
     out = torch.empty_like(q)
     num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -62,6 +64,29 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
         out[s:e] = ob.transpose(0, 1)
     return out
+
+
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                      max_seq_len: int) -> torch.Tensor:
+    """Decode-only batches (one query per request) in one batched call: every request's blocks
+    are gathered to a padded [B, L] context and keys past its length are masked."""
+    block_size = k_cache.shape[1]
+    num_blocks = min(block_tables.shape[1], (max_seq_len + block_size - 1) // block_size)
+    # entries past a request's last block are arbitrary: clamp them to a valid id, then mask
+    table = block_tables[:, :num_blocks].long().clamp(0, k_cache.shape[0] - 1)
+    b = q.shape[0]
+    k = k_cache[table].reshape(b, num_blocks * block_size, *k_cache.shape[2:]).to(q.dtype)
+    v = v_cache[table].reshape(b, num_blocks * block_size, *v_cache.shape[2:]).to(q.dtype)
+    mask = torch.arange(k.shape[1], device=q.device)[None, :] < seq_lens.long()[:, None]  # [B, L]
+    # unwritten slots may hold anything (NaN included): zero them so 0-weight never meets NaN
+    pad = ~mask[:, :, None, None]
+    k.masked_fill_(pad, 0.0)  # k and v are fresh gathered copies: clean them in place
+    v.masked_fill_(pad, 0.0)
+    out = F.scaled_dot_product_attention(
+        q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None, :],
+        scale=scale, enable_gqa=q.shape[1] != k.shape[2])
+    return out[:, :, 0, :]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
