@@ -95,9 +95,11 @@ def run(job: Path = typer.Argument(..., help="job.yaml"),
     except JobError as e:
         _fail(e, again)
     s = result.summary
+    replicas = f" over {s['data_parallel']['size']} engine replicas" if "data_parallel" in s else ""
     typer.echo(f"done: {s['rows']} rows ({s['errors']} errors, {s['skipped']} skipped), "
                f"{s['output_tokens']} output tokens, "
-               f"{s['throughput']['output_tokens_per_s']:.1f} tok/s -> {result.output_path}")
+               f"{s['throughput']['output_tokens_per_s']:.1f} tok/s{replicas} "
+               f"-> {result.output_path}")
     for f in result.final_files:
         typer.echo(f"wrote {f}")
 

@@ -17,15 +17,17 @@ import pytest
 
 from batchllm.jobs import run_job
 from batchllm.jobs.checkpoint import fingerprint, job_details
-from batchllm.jobs.errors import JobSpecError
+from batchllm.jobs.errors import EngineFailed, JobSpecError
 from batchllm.jobs.prepare import plan_job
 from batchllm.jobs.spec import load_spec, spec_to_dict
 from tests.cli.helpers import chunk_rows, cli, env, wait_for_chunks, write_job
+from tests.jobs.fake_engine import FakeEngine
+from tests.jobs.helpers import job, write_jsonl
 
-# 120 rows (the last a malformed line), 15 units of 8 rows, 2-row chunks: enough work that both
+# 80 rows (the last a malformed line), 14 units of 6 rows, 2-row chunks: enough work that both
 # replicas get units after loading their engines.
-JOB = dict(rows=119, max_tokens=10, unit_rows=8, max_num_seqs=2)
-TOTAL = 120
+JOB = dict(rows=79, max_tokens=8, unit_rows=6, max_num_seqs=2)
+TOTAL, UNITS = 80, 14
 DP2 = "engine.data_parallel_size=2"
 
 
@@ -36,7 +38,7 @@ def reference(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     result = run_job(write_job(folder, tiny_model_dir, **JOB))
     assert "data_parallel" not in result.summary
     t = chunk_rows(folder / "out")
-    assert t["id"].to_pylist() == [f"r{i}" for i in range(119)] + ["in-119"]
+    assert t["id"].to_pylist() == [f"r{i}" for i in range(TOTAL - 1)] + [f"in-{TOTAL - 1}"]
     return t
 
 
@@ -97,7 +99,7 @@ def test_two_replicas_give_exactly_the_single_engine_rows_and_share_the_units(
     assert [w["status"] for w in workers] == ["finished", "finished"]
     assert all(w["units"] and w["rows"] > 0 for w in workers), workers  # both did work
     units = sorted(u for w in workers for u in w["units"])
-    assert units == list(range(15))  # every unit done once, by one worker
+    assert units == list(range(UNITS))  # every unit done once, by one worker
     assert sum(w["output_tokens"] for w in workers) == s["output_tokens"]
     assert len({w["pid"] for w in workers}) == 2 and os.getpid() not in {w["pid"] for w in workers}
 
@@ -150,3 +152,31 @@ def test_sigterm_to_the_parent_stops_every_worker_and_a_rerun_completes_the_job(
     assert got["id"].to_pylist() == reference["id"].to_pylist()
     assert got.equals(reference)
     assert summary(out)["runs"] == 2
+
+
+def crashing_engine(spec: object) -> FakeEngine:
+    """An engine_factory (module level, so a spawned worker can import it) whose step fails."""
+    return FakeEngine(fail_at_step=2)
+
+
+def test_when_every_worker_fails_the_job_fails_naming_the_error_and_how_to_resume(
+        tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"p{i}"} for i in range(12)])
+    spec = job(src, tmp_path / "out", output={"unit_rows": 3},
+               engine={"data_parallel_size": 2, "device": "cpu"})
+    with pytest.raises(EngineFailed) as info:
+        run_job(spec, engine_factory=crashing_engine)
+    message = str(info.value)
+    assert "all 2 data-parallel workers are gone" in message and "fake engine crash" in message
+    assert "rerun the same command to resume" in message
+    s = summary(tmp_path / "out")
+    assert info.value.committed == (s["rows"], 12) and s["rows"] < 12  # finished rows are kept
+    assert s["status"] == "failed"
+    assert [w["status"].split(":")[0] for w in s["data_parallel"]["workers"]] == ["failed"] * 2
+
+
+def test_a_shared_engine_object_cannot_be_used_with_several_replicas(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "p"}])
+    spec = job(src, tmp_path / "out", engine={"data_parallel_size": 2, "device": "cpu"})
+    with pytest.raises(JobSpecError, match="one engine per worker process"):
+        run_job(spec, engine=FakeEngine())
