@@ -234,9 +234,13 @@ class Coordinator:
                 w.process.join()
                 self._receive(w)  # whatever it said before it went
                 self._reap(w)
-        if self.started is not None:
-            self.elapsed_s = time.monotonic() - self.started
+        self._clock()
         self.show(self.figures(), 0)
+
+    def _clock(self) -> None:
+        """Wall time from the first unit handed out to the last unit done (not worker exits)."""
+        if self.started is not None and len(self.done) < self.todo:
+            self.elapsed_s = time.monotonic() - self.started
 
     def _receive(self, w: _Worker) -> None:
         try:
@@ -253,6 +257,7 @@ class Coordinator:
         if kind == "want":
             self._want(w, block=bool(msg[1]))
         elif kind == "done":
+            self._clock()
             w.holding.discard(msg[1])
             w.completed.append(msg[1])
             self.done.add(msg[1])
