@@ -4,6 +4,8 @@
 #   steps (default: all, in this order): tests parity kernels hf W-8B W-nano W-prefix W-pressure
 #   (also: profile, W-hf)
 # Each step writes OUTDIR/<step>.log (and a JSON where it has figures); a short table comes last.
+# At the end the JSONs are merged into OUTDIR/all_results.json and everything is packed into
+# OUTDIR/bundle.tgz (two files: the device tool returns at most eight).
 # Steps are independent, so a long suite can be split over several runs into the same OUTDIR.
 set -u
 OUT=${1:?usage: benchmarks/gpu_suite.sh OUTDIR [STEP ...]}
@@ -43,4 +45,17 @@ for step in $STEPS; do
 done
 grep -E "passed|failed|error" "$OUT/tests.log" 2>/dev/null | tail -n 1
 $PY benchmarks/summarize.py "$OUT"
+# Only a few files come back from the GPU machine: merge every JSON into all_results.json and
+# pack everything (logs included) into bundle.tgz; the loose files are removed unless KEEP_RAW=1.
+$PY - "$OUT" <<'PYEOF'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+merged = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if p.name != "all_results.json"}
+(out / "all_results.json").write_text(json.dumps(merged, indent=2))
+PYEOF
+(cd "$OUT" && tar czf bundle.tgz --exclude bundle.tgz --exclude all_results.json . 2>/dev/null)
+if [ "${KEEP_RAW:-0}" != 1 ]; then
+  find "$OUT" -maxdepth 1 -type f ! -name bundle.tgz ! -name all_results.json -delete
+fi
 exit $status
