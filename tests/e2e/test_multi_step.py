@@ -74,3 +74,20 @@ def test_multi_step_under_cache_pressure_and_waiting_requests(tiny_model_dir):
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, sp)] == base
         stats = llm.stats()
         assert stats["num_multi_step_rounds"] > 0 and stats["num_preemptions"] > 0
+
+
+def test_parallel_samples_and_stop_token_mid_round(tiny_model_dir):
+    prompt = make_prompts(VOCAB, [10], seed=25)[0]
+    greedy = SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True)
+    single = llm_for(tiny_model_dir, 1).generate([prompt], greedy)[0].outputs[0].token_ids
+    four = llm_for(tiny_model_dir, 4, block_size=4)
+    out = four.generate([prompt], SamplingParams(n=3, temperature=0.0, max_tokens=9,
+                                                 ignore_eos=True))[0]
+    assert [c.token_ids for c in out.outputs] == [single] * 3
+    # a stop token sampled in the middle of a round ends the output right there
+    stop_at = single[5]
+    cut = four.generate([prompt], SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True,
+                                                 stop_token_ids=[stop_at]))[0].outputs[0]
+    assert cut.token_ids == single[:single.index(stop_at) + 1]
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop_at
+    assert four.stats()["num_multi_step_rounds"] > 0
