@@ -5,9 +5,8 @@ import json
 import os
 import shlex
 import signal
-import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 

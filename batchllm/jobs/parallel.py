@@ -28,22 +28,18 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import pyarrow as pa
 
-from batchllm.io.readers import Shard
 from batchllm.jobs import errors
 from batchllm.jobs.checkpoint import Committed, UnitState, scan_committed
-from batchllm.jobs.engine_api import EngineLike, build_engine
+from batchllm.jobs.engine_api import EngineLike
 from batchllm.jobs.errors import EngineFailed, JobError, JobInterrupted, JobSpecError
-from batchllm.jobs.executor import JobExecutor, RunFigures, StopSignal
-from batchllm.jobs.plan import WorkUnit
+from batchllm.jobs.executor import RunFigures, StopSignal
 from batchllm.jobs.prepare import JobPlan
-from batchllm.jobs.preprocess import Preprocessor
 from batchllm.jobs.progress import ProgressSink, progress_callback
 from batchllm.jobs.spec import JobSpec
 from batchllm.jobs.summary import combine_figures
+from batchllm.jobs.worker import WorkerSetup, worker_main
 
-PROGRESS_EVERY_S = 0.5
 SHUTDOWN_WAIT_S = 60.0
 # Errors every worker would meet: the job stops at once instead of retiring the worker.
 FATAL_ERRORS = {c.__name__: c for c in (errors.JobSpecError, errors.JobInputError,
@@ -75,20 +71,6 @@ def _visible_gpus() -> list[str]:
     if named is not None:
         return [d.strip() for d in named.split(",") if d.strip()][:count]
     return [str(i) for i in range(count)]
-
-
-@dataclass(slots=True)
-class WorkerSetup:
-    """What a worker process needs (pickled to it)."""
-
-    index: int
-    spec: JobSpec
-    shards: list[Shard]
-    units: list[WorkUnit]
-    schema: pa.Schema
-    folder: Path
-    threads: int | None  # torch threads (CPU replicas share the cores)
-    engine_factory: Callable[[JobSpec], EngineLike] | None
 
 
 @dataclass(slots=True)
@@ -355,127 +337,3 @@ def _visible_devices(device: str | None) -> Iterator[None]:
             del os.environ["CUDA_VISIBLE_DEVICES"]
         else:
             os.environ["CUDA_VISIBLE_DEVICES"] = old
-
-
-# -- the worker process ------------------------------------------------------------------------
-
-
-class _Link:
-    """The worker's end of its pipe; any failure to talk means the parent is gone."""
-
-    def __init__(self, conn: Connection, signum: Any) -> None:
-        self.conn, self.signum = conn, signum
-        self.parent = os.getppid()
-        self.gone = False
-
-    def send(self, msg: tuple[Any, ...]) -> None:
-        if self.gone:
-            return
-        try:
-            self.conn.send(msg)
-        except (OSError, ValueError):
-            self.gone = True
-
-    def ask(self, block: bool) -> tuple[Any, ...]:
-        self.send(("want", block))
-        try:
-            return self.conn.recv() if not self.gone else ("stop",)
-        except (EOFError, OSError):
-            self.gone = True
-            return ("stop",)
-
-    def stop_requested(self) -> int:
-        """The signal the parent asked us to stop with (SIGTERM if the parent is gone), else 0."""
-        if self.signum.value:
-            return int(self.signum.value)
-        return signal.SIGTERM if self.gone or os.getppid() != self.parent else 0
-
-
-class _UnitFeed:
-    """JobExecutor's unit_source in a worker: asks the parent for the next unit. The first ask of
-    a run waits for one; later asks (rows still in flight) take "none" for an answer."""
-
-    def __init__(self, link: _Link, committed: Committed) -> None:
-        self.link, self.committed = link, committed
-        self.first = True
-        self.closed = False  # the parent said stop (or is gone)
-
-    def __call__(self) -> int | None:
-        if self.closed or self.link.stop_requested():
-            self.closed = True
-            return None
-        reply = self.link.ask(block=self.first)
-        self.first = False
-        if reply[0] == "unit":
-            _, unit, state = reply
-            self.committed.units[unit] = state
-            return int(unit)
-        self.closed = reply[0] == "stop"
-        return None
-
-
-def _add(total: RunFigures, part: RunFigures, stats: dict[str, Any]) -> RunFigures:
-    """total + part (engine counters are the engine's lifetime figures: the latest, not a sum)."""
-    return RunFigures(total.rows + part.rows, total.errors + part.errors,
-                      total.prompt_tokens + part.prompt_tokens,
-                      total.output_tokens + part.output_tokens,
-                      total.elapsed_s + part.elapsed_s, dict(stats))
-
-
-def worker_main(setup: WorkerSetup, conn: Connection, signum: Any) -> None:
-    """A worker process: build the engine, run units until told to stop, report how it ended."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which tells us
-    if hasattr(signal, "SIGXFSZ"):
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG is reported by the writer instead
-    link = _Link(conn, signum)
-    total, ex = RunFigures(), None
-    engine: EngineLike | None = None
-
-    def so_far() -> RunFigures:
-        stats = {}
-        if engine is not None:
-            try:
-                stats = dict(engine.stats())
-            except Exception:
-                pass  # figures only
-        return _add(total, ex.figures if ex is not None else RunFigures(), stats)
-
-    try:
-        if setup.threads:
-            import torch
-
-            torch.set_num_threads(setup.threads)
-        spec = setup.spec
-        engine = (setup.engine_factory or build_engine)(spec)
-        prep = Preprocessor.for_job(spec, setup.shards, engine.tokenizer, engine.max_model_len)
-        feed = _UnitFeed(link, Committed({}, []))
-        stop = StopSignal()
-        last = [0.0]
-
-        def on_progress(figures: RunFigures, in_flight: int) -> None:
-            if not stop.requested and (signum_now := link.stop_requested()):
-                stop.signum = signum_now
-            now = time.monotonic()
-            if now - last[0] >= PROGRESS_EVERY_S:
-                last[0] = now
-                link.send(("progress", so_far()))
-
-        while not feed.closed:
-            feed.first = True
-            ex = JobExecutor(
-                shards=setup.shards, units=setup.units, committed=feed.committed, engine=engine,
-                prep=prep, schema=setup.schema, folder=setup.folder,
-                chunk_rows=spec.output.chunk_rows, commit_interval_s=spec.output.commit_interval_s,
-                max_num_seqs=spec.max_num_seqs, stop=stop, on_progress=on_progress,
-                unit_source=feed, on_unit_complete=lambda unit: link.send(("done", unit)))
-            ex.run()
-            total, ex = so_far(), None
-        link.send(("finished", so_far()))
-    except JobInterrupted:
-        link.send(("stopped", so_far()))
-    except JobError as e:
-        link.send(("failed", so_far(), type(e).__name__, str(e)))
-    except BaseException as e:  # noqa: BLE001 - reported to the parent, which retires us
-        link.send(("failed", so_far(), type(e).__name__, f"{type(e).__name__}: {e}"))
-    finally:
-        conn.close()
