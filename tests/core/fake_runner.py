@@ -55,6 +55,8 @@ class FakeRunner:
             self.gpu[d] = list(self.gpu[s])
         ids = [c.req_id for c in plan.chunks]
         assert len(ids) == len(set(ids)), "a request appears twice in one step"
+        if plan.num_steps > 1:
+            return self._multi_step(plan)
         for c in plan.chunks:  # write K/V of every chunk (as a layer does before attention)
             assert c.req_id in self.seeds, f"{c.req_id} scheduled before its NewRequestData"
             end = c.num_computed_tokens + len(c.token_ids)
@@ -70,4 +72,25 @@ class FakeRunner:
             ctx = [self.gpu[c.block_table[p // self.bs]][p % self.bs] for p in range(end)]
             out.req_ids.append(c.req_id)
             out.sampled_token_ids.append(next_token(ctx, self.seeds[c.req_id], self.vocab))
+        return out
+
+    def _multi_step(self, plan: SchedulerOutput) -> RunnerOutput:
+        """Several decode steps: each sub-step writes the token fed in and samples from the
+        context read back through the block table; a request stops after its num_steps."""
+        out = RunnerOutput(step_token_ids=[])
+        for c in plan.chunks:
+            assert len(c.token_ids) == 1 and c.sample and 1 <= c.num_steps <= plan.num_steps
+            end = c.num_computed_tokens + c.num_steps
+            assert len(c.block_table) >= -(-end // self.bs), "block table too short for the round"
+            tok, tokens = c.token_ids[0], []
+            for i in range(c.num_steps):
+                p = c.num_computed_tokens + i
+                self.gpu[c.block_table[p // self.bs]][p % self.bs] = tok
+                ctx = [self.gpu[c.block_table[q // self.bs]][q % self.bs] for q in range(p + 1)]
+                tok = next_token(ctx, self.seeds[c.req_id], self.vocab)
+                tokens.append(tok)
+            tokens += [tokens[-1]] * (plan.num_steps - c.num_steps)  # inactive sub-steps
+            out.req_ids.append(c.req_id)
+            out.sampled_token_ids.append(tokens[0])
+            out.step_token_ids.append(tokens)
         return out

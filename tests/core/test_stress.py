@@ -11,7 +11,8 @@ V = 1000
 STATS: list[dict] = []
 
 
-def run_random(seed: int, mode: str, caching: bool) -> None:
+def run_random(seed: int, mode: str, caching: bool, decode_steps: int = 1) -> int:
+    """Runs one random workload to the end, checking as it goes; returns its multi-step rounds."""
     rng = random.Random(seed)
     bs = rng.choice([2, 4, 8])
     num_blocks = rng.randint(6, 24)
@@ -19,7 +20,7 @@ def run_random(seed: int, mode: str, caching: bool) -> None:
                      block_size=bs, max_model_len=rng.choice([32, 64]), caching=caching,
                      preemption_mode=mode, swap_threshold_tokens=rng.choice([1, 12, 1000]),
                      max_num_batched_tokens=rng.choice([8, 24, 64]),
-                     max_num_seqs=rng.choice([2, 4, 16]))
+                     max_num_seqs=rng.choice([2, 4, 16]), num_decode_steps=decode_steps)
     prefixes = [[rng.randrange(V) for _ in range(rng.randint(1, 20))] for _ in range(3)]
     pending = []  # (arrival step, requests of one prompt)
     for i in range(rng.randint(10, 25)):
@@ -36,7 +37,7 @@ def run_random(seed: int, mode: str, caching: bool) -> None:
     pending.sort(key=lambda x: x[0])
     everything, aborted, done, first_step, arrival, finish_step = [], set(), {}, {}, {}, {}
     max_len = s.max_model_len
-    copies = 0
+    copies = multi_rounds = 0
     for t in range(3000):
         while pending and pending[0][0] <= t:
             _, g = pending.pop(0)
@@ -55,6 +56,7 @@ def run_random(seed: int, mode: str, caching: bool) -> None:
             s.finish_requests([victim], RequestStatus.FINISHED_ABORTED)
         plan, finished = step(s, runner)
         copies += len(plan.copy_blocks)
+        multi_rounds += plan.num_steps > 1
         assert plan.num_scheduled_tokens <= s.config.max_num_batched_tokens
         assert len(plan.chunks) <= s.config.max_num_seqs
         for c in plan.chunks:
@@ -84,6 +86,7 @@ def run_random(seed: int, mode: str, caching: bool) -> None:
                 r.prompt_token_ids, r.seed, V, p.max_tokens, r.eos_token_id, p.min_tokens,
                 max_len), f"seed {seed}: {r.request_id} differs from the unpressured output"
     assert s.kv.num_free_blocks == s.kv.pool.num_blocks and s.cpu.num_free_blocks == s.cpu.num_blocks
+    return multi_rounds
 
 
 @pytest.mark.parametrize("mode", ["recompute", "swap", "auto"])
@@ -91,3 +94,10 @@ def run_random(seed: int, mode: str, caching: bool) -> None:
 def test_random_workloads(mode, caching):
     for seed in range(12):
         run_random(seed, mode, caching)
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap", "auto"])
+def test_random_workloads_with_multi_step_decode(mode):
+    """The same books and outputs when decode rounds of 3 steps are planned where possible."""
+    rounds = [run_random(seed, mode, caching=seed % 2 == 0, decode_steps=3) for seed in range(12)]
+    assert sum(rounds) > 0
