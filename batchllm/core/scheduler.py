@@ -208,7 +208,11 @@ class Scheduler:
 
     def _schedule_waiting(self, plan: SchedulerOutput, budget: int) -> None:
         deferred: list[Request] = []
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        # hashes of the full blocks that requests admitted in this step compute now: a request
+        # whose next uncached block is among them waits one step and then finds it in the cache
+        computing: set[int] = set()
+        while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
+               and len(deferred) < self.config.max_num_seqs):  # bounded scan per step
             rid, req = self.waiting.popitem(last=False)
             action = self.groups.admission(req)
             if action == "defer":
@@ -217,7 +221,10 @@ class Scheduler:
             if action == "fork":
                 ok = self._fork(plan, req)
             else:
-                ok = self._admit(plan, req, budget)
+                ok = self._admit(plan, req, budget, computing)
+                if ok is None:  # its prefix is being computed right now
+                    deferred.append(req)
+                    continue
             if not ok:
                 self._push_front(self.waiting, req)
                 break
@@ -225,8 +232,16 @@ class Scheduler:
         for req in reversed(deferred):
             self._push_front(self.waiting, req)
 
-    def _admit(self, plan: SchedulerOutput, req: Request, budget: int) -> bool:
+    def _admit(self, plan: SchedulerOutput, req: Request, budget: int,
+               computing: set[int]) -> bool | None:
+        """Admit a waiting request (True), or say there is no room (False), or that its next
+        uncached prefix block is being computed in this very step (None: try next step)."""
         hits, num_hit = self.kv.get_computed_blocks(req)
+        hashes = req.full_block_hashes(self.block_size, req.num_tokens) if self.kv.enable_caching else []
+        first_new = num_hit // self.block_size
+        if computing and first_new < (req.num_tokens - 1) // self.block_size \
+                and hashes[first_new] in computing:
+            return None
         n = min(req.num_tokens - num_hit, budget)
         n = self.groups.cap_leader_tokens(req, num_hit, n, becoming_leader=True)
         copies = self.kv.allocate_slots(req, n, hits)
@@ -241,6 +256,7 @@ class Scheduler:
         self.groups.on_admit(req)
         self._start_running(req)
         self._add_chunk(plan, req, n)
+        computing.update(hashes[first_new:(num_hit + n) // self.block_size])
         return True
 
     def _fork(self, plan: SchedulerOutput, req: Request) -> bool:

@@ -201,3 +201,28 @@ def test_stats_report_usage_and_queues():
     assert abs(st["kv_cache_usage"] - 0.2) < 1e-9  # 8 prompt tokens -> 2 of 10 blocks
     assert set(st) >= {"num_preemptions", "num_swapped_out", "prefix_cache_queries",
                        "prefix_cache_hits"}
+
+
+def test_a_prefix_computed_in_this_step_is_waited_for_not_computed_twice():
+    """Two prompts sharing 3 full blocks arrive together: the second waits one step and then
+    takes the 3 blocks from the cache instead of computing them again alongside the first."""
+    from tests.core.driver import drain, make, req, step
+
+    s, runner = make(num_gpu_blocks=32, block_size=4, max_num_batched_tokens=64)
+    shared = list(range(100, 112))
+    a, b = req("a", shared + [1, 2], t=0.0), req("b", shared + [3], t=1.0)
+    s.add_request(a)
+    s.add_request(b)
+    plan, _ = step(s, runner)
+    assert [c.req_id for c in plan.chunks] == ["a"]
+    plan, _ = step(s, runner)
+    chunk_b = next(c for c in plan.chunks if c.req_id == "b")
+    assert chunk_b.num_computed_tokens == 12 and chunk_b.token_ids == [3]
+    assert b.num_cached_tokens == 12
+    drain(s, runner)
+    # without caching nothing waits
+    s, runner = make(num_gpu_blocks=32, block_size=4, max_num_batched_tokens=64, caching=False)
+    s.add_request(req("a", shared + [1, 2], t=0.0))
+    s.add_request(req("b", shared + [3], t=1.0))
+    plan, _ = step(s, runner)
+    assert [c.req_id for c in plan.chunks] == ["a", "b"]
