@@ -12,7 +12,7 @@ from batchllm.core.outputs import CompletionOutput, RequestMetrics, RequestOutpu
 from batchllm.core.request import Request, RequestStatus
 from batchllm.core.scheduler import Scheduler
 from batchllm.runner.kv_cache import KVCache, bytes_per_block, num_device_blocks
-from batchllm.runner.model_runner import ModelRunner
+from batchllm.runner.model_runner import ModelRunner, activation_bytes_estimate
 from batchllm.sampling_params import SamplingParams
 
 
@@ -38,7 +38,6 @@ class _Group:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    params: SamplingParams
     arrival_time: float
     samples: list[_Sample] = field(default_factory=list)
     error: str | None = None
@@ -98,8 +97,7 @@ class LLMEngine:
                                       f.head_dim, dtype)
         sched = config.scheduler
         self.sampler = Sampler(self.device, hf_config.vocab_size)
-        probe = ModelRunner(model, _NoCache(), self.sampler, block_size, self.device, self.eos_token_id)
-        activation = probe.activation_bytes_estimate(sched.max_num_batched_tokens, sched.max_num_seqs)
+        activation = activation_bytes_estimate(model, sched.max_num_batched_tokens, sched.max_num_seqs)
         num_blocks = config.cache.num_gpu_blocks_override or num_device_blocks(
             self.device, block_bytes, config.cache.gpu_memory_utilization,
             config.cache.cpu_kv_cache_bytes, activation)
@@ -143,7 +141,7 @@ class LLMEngine:
         arrival = arrival_time if arrival_time is not None else time.time()
         text = prompt if isinstance(prompt, str) else None
         ids, error = self._prompt_ids(prompt)
-        group = _Group(request_id, text, ids, params, arrival)
+        group = _Group(request_id, text, ids, arrival)
         self._groups[request_id] = group
         if error:
             group.error = error
@@ -220,12 +218,11 @@ class LLMEngine:
                 continue
             req = sample.request
             # the tokens the scheduler accepted this step (a multi-step chunk may end early)
-            num_new = len(req.output_token_ids) - sample.num_seen
             tokens = req.output_token_ids[sample.num_seen:]
             lps = out.step_logprobs[i] if multi else ([out.logprobs[i]] if out.logprobs else None)
             tops = (out.step_top_logprobs[i] if multi else [out.top_logprobs[i]]) \
                 if out.top_logprobs is not None else None
-            for j in range(num_new):
+            for j in range(len(tokens)):
                 self._num_generated_tokens += 1
                 sample.num_seen += 1
                 if lps is not None:
@@ -311,11 +308,6 @@ class LLMEngine:
                  num_gpu_blocks=self.num_blocks, num_cpu_blocks=self.num_cpu_blocks,
                  num_oom_splits=self.runner.num_oom_splits)
         return s
-
-
-class _NoCache:
-    def layer_caches(self) -> list:
-        return []
 
 
 def __getattr__(name: str):  # LLM lives in batchllm.llm; kept importable from here

@@ -33,6 +33,19 @@ class DeviceSample:
     top: object | None  # torch.return_types.topk of log-probs, when some row asked
     num_top: list[int]  # how many top log-probs each row asked for
 
+    @property
+    def top_k(self) -> int:
+        return self.top.values.shape[1] if self.top is not None else 0
+
+    def columns(self) -> torch.Tensor:
+        """[B, 3 + 2 * top_k] float64 on the device: token, log p, non-finite flag, top values, top
+        ids — the layout `Sampler.result_from_host` reads once it is on the host."""
+        parts = [self.tokens.double()[:, None], self.token_logprobs.double()[:, None],
+                 self.bad_rows.double()[:, None]]
+        if self.top is not None:
+            parts += [self.top.values.double(), self.top.indices.double()]
+        return torch.cat(parts, dim=1)
+
 
 @dataclass(slots=True)
 class _RequestState:
@@ -147,13 +160,7 @@ class Sampler:
 
     def to_host(self, d: DeviceSample, req_ids: list[str]) -> SamplerResult:
         """Copy one step's samples to the host (the one sync) and shape them per request."""
-        parts = [d.tokens.double()[:, None], d.token_logprobs.double()[:, None], d.bad_rows.double()[:, None]]
-        k = 0
-        if d.top is not None:
-            k = d.top.values.shape[1]
-            parts += [d.top.values.double(), d.top.indices.double()]
-        host = torch.cat(parts, dim=1).cpu()
-        return self.result_from_host(host, k, d.num_top, req_ids)
+        return self.result_from_host(d.columns().cpu(), d.top_k, d.num_top, req_ids)
 
     @staticmethod
     def result_from_host(host: torch.Tensor, k: int, num_top: list[int],

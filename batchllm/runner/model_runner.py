@@ -201,27 +201,20 @@ class ModelRunner:
 
     def _samples_to_host(self, samples, req_ids: list[str]):
         """All sub-steps' samples in one device-to-host copy."""
-        k = samples[0].top.values.shape[1] if samples[0].top is not None else 0
-        cols = []
-        for d in samples:
-            parts = [d.tokens.double()[:, None], d.token_logprobs.double()[:, None],
-                     d.bad_rows.double()[:, None]]
-            if k:
-                parts += [d.top.values.double(), d.top.indices.double()]
-            cols.append(torch.cat(parts, dim=1))
-        host = torch.stack(cols).cpu()  # [steps, reqs, columns]: the one host sync
-        return [self.sampler.result_from_host(host[i], k, samples[i].num_top, req_ids)
-                for i in range(len(samples))]
+        host = torch.stack([d.columns() for d in samples]).cpu()  # [steps, reqs, columns]: one sync
+        return [self.sampler.result_from_host(host[i], d.top_k, d.num_top, req_ids)
+                for i, d in enumerate(samples)]
 
-    def activation_bytes_estimate(self, num_tokens: int, num_sampled: int) -> int:
-        """Device memory one full step needs beyond weights and cache, kept on the safe side:
-        a few hidden-sized and intermediate-sized activations per token, float32 logits, probs
-        and sampling noise per sampled row, and a 10% + 256 MiB margin for the allocator."""
-        cfg = self.model.config
-        elem = next(self.model.parameters()).element_size()
-        per_token = elem * (8 * cfg.hidden_size + 6 * cfg.intermediate_size)
-        logits = num_sampled * cfg.vocab_size * 4 * 4
-        return int((per_token * num_tokens + logits) * 1.1) + (256 << 20)
+
+def activation_bytes_estimate(model: torch.nn.Module, num_tokens: int, num_sampled: int) -> int:
+    """Device memory one full step needs beyond weights and cache, kept on the safe side:
+    a few hidden-sized and intermediate-sized activations per token, float32 logits, probs
+    and sampling noise per sampled row, and a 10% + 256 MiB margin for the allocator."""
+    cfg = model.config
+    elem = next(model.parameters()).element_size()
+    per_token = elem * (8 * cfg.hidden_size + 6 * cfg.intermediate_size)
+    logits = num_sampled * cfg.vocab_size * 4 * 4
+    return int((per_token * num_tokens + logits) * 1.1) + (256 << 20)
 
 
 def _merge(a: RunnerOutput, b: RunnerOutput) -> RunnerOutput:

@@ -61,13 +61,18 @@ def resume_and_check(job: Path, out: Path, reference: pa.Table, **env_extra: str
 
 def stopped_run(job: Path, out: Path, sig: int = signal.SIGTERM) -> dict[str, str]:
     """Start a run, stop it with `sig` right after its first commit; returns what is committed."""
+    return signalled_run(job, out, sig)[0]
+
+
+def signalled_run(job: Path, out: Path, sig: int) -> tuple[dict[str, str], str]:
+    """Start a run, send `sig` right after its first commit; (what is committed, its stderr)."""
     p = subprocess.Popen(cli(job), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
     wait_for_chunks(out, 0, p)
     p.send_signal(sig)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 128 + sig, err
-    return snapshot(out)
+    return snapshot(out), err
 
 
 def test_kill_9_right_after_a_commit_three_times_then_resume_gives_the_uninterrupted_rows(
@@ -95,12 +100,7 @@ def test_kill_9_right_after_a_commit_three_times_then_resume_gives_the_uninterru
 def test_a_signal_stops_cleanly_then_the_rerun_completes_exactly_once(
         tmp_path: Path, tiny_model_dir: Path, reference: pa.Table, sig: int) -> None:
     job, out = write_job(tmp_path, tiny_model_dir, **JOB), tmp_path / "out"
-    p = subprocess.Popen(cli(job), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
-    wait_for_chunks(out, 0, p)
-    p.send_signal(sig)
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 128 + sig, err
+    _, err = signalled_run(job, out, sig)
     assert f"stopped by signal {int(sig)}" in err and f"resume with: batchllm run {job}" in err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "interrupted" and 0 < summary["rows"] < TOTAL
