@@ -113,6 +113,9 @@ class LLMEngine:
             self.runner.capture_decode_graphs(min(sched.max_num_seqs, 512), self.max_model_len)
         if sched.num_decode_steps is None:
             sched = replace(sched, num_decode_steps=8 if self.device.type == "cuda" else 1)
+        if sched.async_scheduling is None:
+            sched = replace(sched, async_scheduling=self.device.type == "cuda")
+        self._inflight = None  # (plan, InflightRound) queued on the device, not yet applied
         self.scheduler = Scheduler(sched, config.cache, num_blocks, num_cpu_blocks, self.max_model_len)
         self.num_blocks, self.num_cpu_blocks = num_blocks, num_cpu_blocks
         self._groups: dict[str, _Group] = {}
@@ -200,15 +203,30 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the loop
     def has_unfinished_requests(self) -> bool:
-        return bool(self._groups) or bool(self._ready)
+        return bool(self._groups) or bool(self._ready) or self._inflight is not None
 
     def get_num_unfinished_requests(self) -> int:
         return len(self._groups)
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, run, update; returns the requests whose samples all finished this step."""
-        plan = self.scheduler.schedule()
-        out = self.runner.execute(plan)
+        """Schedule, run, update; returns the requests whose samples all finished this step.
+
+        With async scheduling, multi-step decode rounds are pipelined: the round after the one
+        being applied is already queued on the device, so the device never waits for the host's
+        planning and bookkeeping. `self._inflight` holds the queued round across calls."""
+        if self._inflight is not None:
+            plan, handle = self._inflight
+            self._inflight = None
+            self._queue_next(plan, handle)
+            out = self.runner.collect(handle)
+        else:
+            plan = self.scheduler.schedule()
+            if plan.num_steps > 1 and self.scheduler.config.async_scheduling:
+                handle = self.runner.launch(plan)
+                self._queue_next(plan, handle)
+                out = self.runner.collect(handle)
+            else:
+                out = self.runner.execute(plan)
         finished = self.scheduler.update(plan, out)
         stopped: list[Request] = []
         multi = out.step_token_ids is not None
@@ -252,6 +270,12 @@ class LLMEngine:
                     self._samples.pop(s.request.request_id, None)
         ready, self._ready = self._ready, []
         return ready
+
+    def _queue_next(self, plan, handle) -> None:
+        """Queue the round after `plan` (still running) on the device, if one can be planned now."""
+        nxt = self.scheduler.schedule_after(plan)
+        if nxt is not None:
+            self._inflight = (nxt, self.runner.launch(nxt, handle))
 
     def _check_stop(self, sample: _Sample) -> bool:
         from batchllm.tokenizer import find_stop_string

@@ -2,9 +2,9 @@
 
 For each shape, an engine on dummy weights is filled with requests whose context matches the
 workload (8B: 512 x 384 tokens; 1B: 512 x 672; 0.6B: 256 x 900), prefilled, then:
-- decode rounds are timed on the host (schedule / execute incl. the device wait / update) for
-  each num_decode_steps setting;
-- one decode round and one 16k-token prefill step are profiled on the device, kernel time
+- decode rounds are timed through LLMEngine.step, with async scheduling off and on, for each
+  num_decode_steps setting;
+- three decode rounds and one 16k-token prefill step are profiled on the device, kernel time
   summed by category (GEMM, attention, KV write, norms, rotary, activation, logits/sampler,
   copies, other), with the device's busy time against the wall time (the gap is the GPU idle);
 - single matrix products of the shape's layers are timed at the decode batch (TFLOP/s).
@@ -84,41 +84,25 @@ def fill(eng, num_reqs: int, ctx: int, max_tokens: int = 4000) -> None:
         eng.step()
 
 
-def one_round(eng) -> int:
-    plan = eng.scheduler.schedule()
-    out = eng.runner.execute(plan)
-    eng.scheduler.update(plan, out)
-    return sum(c.num_steps for c in plan.chunks)
-
-
-def decode_case(model_dir: Path, batch: int, ctx: int, steps: int, rounds: int = 6, **kw) -> dict:
-    llm = make_llm(model_dir, num_decode_steps=steps, **kw)
+def decode_case(model_dir: Path, batch: int, ctx: int, steps: int, async_on: bool, rounds: int = 6) -> dict:
+    """Decode rounds through LLMEngine.step (so async scheduling pipelines them as in a run)."""
+    llm = make_llm(model_dir, num_decode_steps=steps, async_scheduling=async_on)
     eng = llm.engine
     fill(eng, batch, ctx)
     for _ in range(2):
-        one_round(eng)
+        eng.step()
     torch.cuda.synchronize()
-    parts = dict(schedule=0.0, execute=0.0, update=0.0)
-    tokens = 0
-    t_start = time.perf_counter()
+    before = sum(r.num_output_tokens for r in eng.scheduler.running)
+    t0 = time.perf_counter()
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        plan = eng.scheduler.schedule()
-        t1 = time.perf_counter()
-        out = eng.runner.execute(plan)
-        t2 = time.perf_counter()
-        eng.scheduler.update(plan, out)
-        t3 = time.perf_counter()
-        parts["schedule"] += t1 - t0
-        parts["execute"] += t2 - t1
-        parts["update"] += t3 - t2
-        tokens += sum(c.num_steps for c in plan.chunks)
-    wall = time.perf_counter() - t_start
-    res = dict(num_decode_steps=steps, batch=batch, context=ctx, engine=kw,
-               host_ms_per_round={k: round(v / rounds * 1e3, 3) for k, v in parts.items()},
+        eng.step()
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    tokens = sum(r.num_output_tokens for r in eng.scheduler.running) - before
+    res = dict(num_decode_steps=steps, async_scheduling=async_on, batch=batch, context=ctx,
                ms_per_decode_step=round(wall / (tokens / batch) * 1e3, 3),
                decode_tok_per_s=round(tokens / wall, 1),
-               profile_one_round=device_breakdown(lambda: one_round(eng)))
+               profile_three_rounds=device_breakdown(lambda: [eng.step() for _ in range(3)]))
     del llm, eng
     release()
     return res
@@ -166,7 +150,7 @@ def gemm_case(shape: str, m: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="*", default=list(CASES))
-    ap.add_argument("--steps", nargs="*", type=int, default=[8, 32])
+    ap.add_argument("--steps", nargs="*", type=int, default=[8])
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     results: dict = {}
@@ -175,7 +159,7 @@ def main() -> None:
             shape, batch, ctx = CASES[key]
             model_dir = write_model_dir(shape, Path(tmp) / key)
             r: dict = dict(shape=shape, gemm_at_decode_batch=gemm_case(shape, batch))
-            r["decode"] = [decode_case(model_dir, batch, ctx, s) for s in args.steps]
+            r["decode"] = [decode_case(model_dir, batch, ctx, s, a) for s in args.steps for a in (False, True)]
             r["prefill"] = prefill_case(model_dir)
             results[key] = r
             print(json.dumps(r, indent=1), flush=True)

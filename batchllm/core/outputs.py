@@ -59,6 +59,10 @@ class SchedulerOutput:
     finished_req_ids: list[str] = field(default_factory=list)  # runner drops their state
     preempted_req_ids: list[str] = field(default_factory=list)
     num_steps: int = 1  # > 1: a multi-step decode plan (every chunk is one decode token)
+    # A round chained onto the one still running (Scheduler.schedule_after): chunk i's input
+    # token is the last token sampled for the previous plan's chunk prev_rows[i], taken on the
+    # device; its token_ids hold a placeholder.
+    prev_rows: list[int] | None = None
 
     @property
     def num_scheduled_tokens(self) -> int:

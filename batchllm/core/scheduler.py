@@ -49,6 +49,7 @@ class Scheduler:
         self._seq = 0
         self.num_preemptions = self.num_swapped_out = 0
         self.num_multi_step_rounds = 0
+        self.num_chained_rounds = 0  # rounds planned by schedule_after
         self.prefix_cache_queries = self.prefix_cache_hits = 0
 
     # ------------------------------------------------------------------ requests in / out
@@ -105,6 +106,7 @@ class Scheduler:
     def stats(self) -> dict:
         return {"num_preemptions": self.num_preemptions, "num_swapped_out": self.num_swapped_out,
                 "num_multi_step_rounds": self.num_multi_step_rounds,
+                "num_chained_rounds": self.num_chained_rounds,
                 "prefix_cache_queries": self.prefix_cache_queries,
                 "prefix_cache_hits": self.prefix_cache_hits, "kv_cache_usage": self.kv.pool.usage,
                 "num_running": len(self.running) - sum(r.is_finished for r in self.running),
@@ -186,6 +188,62 @@ class Scheduler:
         plan.num_steps = max(counts)
         self.num_multi_step_rounds += 1
         return True
+
+    def schedule_after(self, prev: SchedulerOutput) -> SchedulerOutput | None:
+        """Plan the next multi-step decode round while `prev` (a multi-step round, not yet given
+        to `update`) still runs on the device, before its tokens are known.
+
+        Every request of `prev` that does not end by length within it goes on for up to
+        num_decode_steps more tokens, fed on the device by its last token of `prev`
+        (`plan.prev_rows`). A request that stops in `prev` for another reason (EOS, stop token,
+        stop string, abort) is finished by `update(prev)`; its rows of this round are computed
+        and ignored. Returns None when something else should come first (a waiting request
+        could be admitted, swapped requests, no room, nothing left): the caller then waits for
+        `prev`, applies it and calls `schedule()`.
+
+            request state now (prev not applied):  computed c, outputs o
+            after prev (k steps):                  computed c + k, outputs o + k
+            this round:                            k' = min(num_decode_steps, what max_tokens
+                                                   and the model length leave after prev)
+        """
+        steps = self.config.num_decode_steps or 1
+        if prev.num_steps <= 1 or steps <= 1 or self.swapped:
+            return None
+        rows: list[tuple[int, Request, int]] = []  # (row in prev, request, steps this round)
+        for i, c in enumerate(prev.chunks):
+            req = self.requests.get(c.req_id)
+            if req is None or req.status != RequestStatus.RUNNING:
+                continue
+            num_tokens = req.num_tokens + c.num_steps
+            num_outputs = req.num_output_tokens + c.num_steps
+            k = min(steps, self.max_model_len - num_tokens + 1)
+            if req.sampling_params.max_tokens is not None:
+                k = min(k, req.sampling_params.max_tokens - num_outputs)
+            if k < 1 or num_tokens >= self.max_model_len:
+                continue  # ends by length within prev
+            rows.append((i, req, k))
+        if not rows:
+            return None
+        if self.waiting and len(rows) < self.config.max_num_seqs:
+            first = next(iter(self.waiting.values()))
+            if self.kv.num_free_blocks >= cdiv(first.num_tokens, self.block_size) + len(rows):
+                return None  # it could be admitted: let prev finish and take an ordinary step
+        plan = SchedulerOutput(finished_req_ids=self._finished_ids, prev_rows=[])
+        for i, req, k in rows:
+            c = prev.chunks[i]
+            assert req.num_computed_tokens == c.num_computed_tokens, (req, c.num_computed_tokens)
+            copies = self.kv.allocate_slots(req, c.num_steps + k)  # table covers prev already
+            if copies is None:
+                return None  # blocks left over are used by the request's next steps
+            plan.copy_blocks.extend(copies)
+            plan.chunks.append(ScheduledChunk(req.request_id, [-1], c.num_computed_tokens + c.num_steps,
+                                              list(self.kv.block_ids(req.request_id)), True, k))
+            plan.prev_rows.append(i)
+        self._finished_ids = []
+        plan.num_steps = max(c.num_steps for c in plan.chunks)
+        self.num_multi_step_rounds += 1
+        self.num_chained_rounds += 1
+        return plan
 
     def _schedule_swapped(self, plan: SchedulerOutput, budget: int) -> int:
         while self.swapped and budget > 0 and len(self.running) < self.config.max_num_seqs:

@@ -39,6 +39,23 @@ def triton_available(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda" or interpreting()
 
 
+GreedySample = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def greedy_sample_for(device: torch.device | str) -> GreedySample:
+    """greedy_sample (logits [B, V] -> tokens, token log-probs, bad rows) for logits on `device`:
+    the fused Triton kernel on a CUDA device with triton installed, else the torch reference (the
+    interpreter is for the kernel tests, which call the Triton version directly; it would only
+    slow the engine's CPU path)."""
+    if torch.device(device).type == "cuda" and triton_available(device):
+        from batchllm.kernels import triton_sampling
+
+        return triton_sampling.greedy_sample
+    from batchllm.kernels import reference
+
+    return reference.greedy_sample
+
+
 def get_kernels(backend: str) -> KernelSet:
     """The kernels of `backend` ("torch" or "triton")."""
     if backend == "torch":

@@ -122,3 +122,18 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for x = cat(gate, up) along the last dim."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def greedy_sample(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy pick of each row of logits [B, V] (any float dtype), computed in float32.
+
+    Returns (tokens int64 [B], token_logprobs float32 [B], bad_rows bool [B]): tokens = argmax
+    (first index among ties), token_logprob = logit[token] - logsumexp, bad_rows = the logsumexp
+    is not finite (a NaN or +inf anywhere, or every logit -inf). Bad rows get token 0.
+    """
+    logits = logits.float()
+    tokens = logits.argmax(dim=-1)
+    lse = torch.logsumexp(logits, dim=-1)
+    bad_rows = ~torch.isfinite(lse)
+    token_logprobs = logits.gather(1, tokens[:, None])[:, 0] - lse
+    return torch.where(bad_rows, torch.zeros_like(tokens), tokens), token_logprobs, bad_rows

@@ -191,9 +191,10 @@ def _tile_sizes(q: torch.Tensor, group_p: int, max_query_len: int) -> tuple[int,
     if q.device.type != "cuda":  # interpreter: small tiles keep the numpy emulation quick
         block_m, block_n = max(16, group_p), 16
         return max(1, block_m // group_p), block_n, 4, 1
-    # from benchmarks/tune_attention.py on an H100 (head dim 128, GQA group 4)
+    # decode: from benchmarks/tune_decode.py on an H100 (the workloads' decode batches: 2.69 ->
+    # 2.76 TB/s at head dim 128, 2.48 -> 2.62 TB/s at head dim 64); prefill: tune_attention.py
     if max_query_len == 1:
-        return max(1, 16 // group_p), 64, 4, 3
+        return max(1, 16 // group_p), 128 if q.shape[-1] >= 128 else 32, 4, 2
     return max(1, 64 // group_p), 32, 4, 2
 
 

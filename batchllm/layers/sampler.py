@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from batchllm.core.outputs import NewRequestData
+from batchllm.kernels import greedy_sample_for
 from batchllm.sampling_params import SamplingParams
 
 
@@ -66,6 +67,7 @@ class Sampler:
         self._counts = torch.zeros(0, vocab_size, dtype=torch.int32, device=self.device)
         self._prompt_mask = torch.zeros(0, vocab_size, dtype=torch.bool, device=self.device)
         self._free_slots: list[int] = []
+        self._greedy_sample = greedy_sample_for(self.device)
 
     @property
     def num_requests(self) -> int:
@@ -115,7 +117,7 @@ class Sampler:
 
     @torch.no_grad()
     def sample(self, logits: torch.Tensor, req_ids: list[str]) -> SamplerResult:
-        """One token per row of `logits` [B, V] (float32) for the requests `req_ids`, in order."""
+        """One token per row of `logits` [B, V] (float32 or bfloat16) for the requests `req_ids`, in order."""
         return self.to_host(self.sample_on_device(logits, req_ids), req_ids)
 
     @torch.no_grad()
@@ -123,18 +125,15 @@ class Sampler:
         """Sample without a host sync: the results stay on the device until `to_host`."""
         states = [self._reqs[r] for r in req_ids]
         params = [s.params for s in states]
-        logits = logits.float()
         simple = not any(s.penalty_slot is not None or s.num_outputs < s.params.min_tokens
                          for s in states)
         if simple and all(p.greedy for p in params):
-            # Fast path: argmax of the raw logits; log p(token) = logit - logsumexp. Two passes
-            # over the logits instead of materializing log_softmax, a clone and a mask.
-            tokens = logits.argmax(dim=-1)
-            lse = torch.logsumexp(logits, dim=-1)
-            bad_rows = ~torch.isfinite(lse)
-            token_logprobs = logits.gather(1, tokens[:, None])[:, 0] - lse
+            # Fast path: one fused read of the logits in their own dtype (no float32 copy):
+            # argmax, log p(token) = logit - logsumexp, the non-finite flag; bad rows get token 0.
+            tokens, token_logprobs, bad_rows = self._greedy_sample(logits)
             raw_logprobs = None
         else:
+            logits = logits.float()
             bad_rows = ~torch.isfinite(logits).all(dim=-1)
             raw_logprobs = torch.log_softmax(logits, dim=-1)
             if not simple:
@@ -148,13 +147,13 @@ class Sampler:
             else:
                 tokens = greedy_tokens
             token_logprobs = raw_logprobs.gather(1, tokens[:, None])[:, 0]
-        tokens = torch.where(bad_rows, torch.zeros_like(tokens), tokens)
+            tokens = torch.where(bad_rows, torch.zeros_like(tokens), tokens)
         self._count_outputs(tokens, states)
         k = max((p.logprobs or 0) for p in params)
         top = None
         if k > 0:
             if raw_logprobs is None:
-                raw_logprobs = torch.log_softmax(logits, dim=-1)
+                raw_logprobs = torch.log_softmax(logits.float(), dim=-1)
             top = raw_logprobs.topk(k, dim=-1)
         return DeviceSample(tokens, token_logprobs, bad_rows, top, [p.logprobs or 0 for p in params])
 

@@ -128,8 +128,12 @@ class LlamaForCausalLM(nn.Module):
         hidden, _ = self.model.norm(hidden, residual)
         return hidden
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(hidden, self.lm_head_weight).float()
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits in the model's dtype (the sampler reads bf16 logits as they are; float32
+        copies of a [batch, vocab] matrix cost a pass over it each step). `out`: write there."""
+        if out is None:
+            return torch.nn.functional.linear(hidden, self.lm_head_weight)
+        return torch.mm(hidden, self.lm_head_weight.t(), out=out)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy checkpoint tensors (HF names) into the fused parameters; returns the names placed."""

@@ -36,7 +36,8 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(max_batch + 1, dtype=i32, device=device)
         self.block_tables = torch.zeros((max_batch, max_blocks_per_seq), dtype=i32, device=device)
         vocab = model.config.vocab_size
-        self.logits_buffer = torch.empty((max_batch, vocab), dtype=torch.float32, device=device)
+        dtype = next(model.parameters()).dtype
+        self.logits_buffer = torch.empty((max_batch, vocab), dtype=dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.sizes = capture_sizes(max_batch)
@@ -49,9 +50,7 @@ class DecodeGraphs:
         """Logits of the first n rows, written into the one static buffer all sizes share (a
         graph's temporaries are freed into the shared pool; only this buffer outlives them)."""
         hidden = self.model(self.input_ids[:n], self.positions[:n], self.layer_caches, self._meta(n))
-        out = self.logits_buffer[:n]
-        out.copy_(self.model.compute_logits(hidden))
-        return out
+        return self.model.compute_logits(hidden, out=self.logits_buffer[:n])
 
     @torch.inference_mode()
     def capture(self) -> None:

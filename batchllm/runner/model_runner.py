@@ -95,9 +95,8 @@ class ModelRunner:
                             self.layer_caches, meta)
         return self.model.compute_logits(hidden[self._to_device(hb.logits_indices)])
 
-    @torch.inference_mode()
-    def execute(self, plan: SchedulerOutput) -> RunnerOutput:
-        """Apply the plan's block moves (swap out, swap in, copy-on-write), run, sample."""
+    def _apply_plan(self, plan: SchedulerOutput) -> None:
+        """The plan's bookkeeping and block moves (swap out, swap in, copy-on-write), in order."""
         for req_id in plan.finished_req_ids:
             self.sampler.remove_request(req_id)
         self.kv_cache.swap_out(plan.swap_out)
@@ -105,11 +104,32 @@ class ModelRunner:
         self.kv_cache.copy(plan.copy_blocks)
         for new in plan.new_requests:
             self.sampler.add_request(new, self.eos_token_id)
+
+    @torch.inference_mode()
+    def execute(self, plan: SchedulerOutput) -> RunnerOutput:
+        """Apply the plan's block moves (swap out, swap in, copy-on-write), run, sample."""
+        if plan.num_steps > 1:
+            return self.collect(self.launch(plan))
+        self._apply_plan(plan)
         if not plan.chunks:
             return RunnerOutput()
-        if plan.num_steps > 1:
-            return self._run_multi_step(plan.chunks, plan.num_steps)
         return self._run(plan.chunks)
+
+    @torch.inference_mode()
+    def launch(self, plan: SchedulerOutput, prev: "InflightRound | None" = None) -> "InflightRound":
+        """Queue a multi-step decode round on the device without waiting for it; `collect` waits.
+
+        A chained plan (plan.prev_rows set) takes its input tokens from `prev`, the round queued
+        just before it, on the device. Its results are copied to pinned host memory behind an
+        event, so collecting it waits for this round only, not for rounds queued after it."""
+        assert plan.num_steps > 1 or plan.prev_rows is not None, "launch is for decode rounds"
+        self._apply_plan(plan)
+        feed = None
+        if plan.prev_rows is not None:
+            assert prev is not None, "a chained plan needs the round it follows"
+            rows = self._to_device(np.asarray(plan.prev_rows, dtype=np.int64))
+            feed = prev.last_tokens.index_select(0, rows)
+        return self._launch_multi_step(plan.chunks, plan.num_steps, feed)
 
     def _run(self, chunks: list[ScheduledChunk]) -> RunnerOutput:
         """Forward and sample; on device out-of-memory, run the chunks in two halves instead.
@@ -145,10 +165,12 @@ class ModelRunner:
                             logprobs=result.logprobs, top_logprobs=result.top_logprobs,
                             errors=result.errors)
 
-    def _run_multi_step(self, chunks: list[ScheduledChunk], num_steps: int) -> RunnerOutput:
-        """Several decode steps in a row, each fed by the tokens sampled on the device before it;
-        one host sync at the end. Request i is active for its first chunk.num_steps sub-steps;
-        after that it writes nowhere (slot -1) and its samples are ignored.
+    def _launch_multi_step(self, chunks: list[ScheduledChunk], num_steps: int,
+                           feed: torch.Tensor | None) -> "InflightRound":
+        """Several decode steps in a row, each fed by the tokens sampled on the device before it.
+        Request i is active for its first chunk.num_steps sub-steps; after that it writes nowhere
+        (slot -1) and its samples are ignored. `feed`: the first sub-step's input tokens, already
+        on the device (a chained round), instead of the chunks' token ids.
 
             sub-step s of request i:  position p_i + min(s, k_i - 1),  slot -1 once s >= k_i
         """
@@ -166,7 +188,7 @@ class ModelRunner:
         seq_lens = self._to_device((pos + 1).astype(np.int32))
         block_tables = self._to_device(hb.block_tables.astype(np.int32))
         query_start = self._to_device(np.arange(num_reqs + 1, dtype=np.int32))
-        ids = self._to_device(hb.input_ids)
+        ids = feed if feed is not None else self._to_device(hb.input_ids)
         req_ids = hb.sample_req_ids
         use_graphs = self.graphs is not None and num_reqs <= self.graphs.max_batch
         samples = []
@@ -182,7 +204,28 @@ class ModelRunner:
             sample = self.sampler.sample_on_device(logits, req_ids)
             samples.append(sample)
             ids = sample.tokens
-        results = self._samples_to_host(samples, req_ids)
+        # each request's last token of this round: what a chained round is fed
+        tokens = torch.stack([d.tokens for d in samples])  # [steps, reqs]
+        last = tokens[self._to_device(k - 1), torch.arange(num_reqs, device=tokens.device)]
+        columns = torch.stack([d.columns() for d in samples])  # [steps, reqs, columns]
+        event = None
+        if columns.is_cuda:
+            host = torch.empty(columns.shape, dtype=columns.dtype, pin_memory=True)
+            host.copy_(columns, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = columns
+        return InflightRound(req_ids, active, samples, last, host, event)
+
+    def collect(self, round_: "InflightRound") -> RunnerOutput:
+        """Wait for a launched round (only for it) and shape its samples per request."""
+        if round_.event is not None:
+            round_.event.synchronize()
+        req_ids, active = round_.req_ids, round_.active
+        results = [self.sampler.result_from_host(round_.host[i], d.top_k, d.num_top, req_ids)
+                   for i, d in enumerate(round_.samples)]
+        num_reqs = len(req_ids)
         step_tokens = [[r.token_ids[i] for r in results] for i in range(num_reqs)]
         step_logprobs = [[r.logprobs[i] for r in results] for i in range(num_reqs)]
         step_top = None
@@ -199,11 +242,17 @@ class ModelRunner:
                             errors=errors, step_token_ids=step_tokens, step_logprobs=step_logprobs,
                             step_top_logprobs=step_top)
 
-    def _samples_to_host(self, samples, req_ids: list[str]):
-        """All sub-steps' samples in one device-to-host copy."""
-        host = torch.stack([d.columns() for d in samples]).cpu()  # [steps, reqs, columns]: one sync
-        return [self.sampler.result_from_host(host[i], d.top_k, d.num_top, req_ids)
-                for i, d in enumerate(samples)]
+
+@dataclass(slots=True)
+class InflightRound:
+    """A multi-step decode round queued on the device: what `collect` and a chained round need."""
+
+    req_ids: list[str]
+    active: np.ndarray  # [steps, reqs] bool: sub-step s of request i counts
+    samples: list  # DeviceSample per sub-step (top-k shapes for the host layout)
+    last_tokens: torch.Tensor  # [reqs] on the device: each request's last token of the round
+    host: torch.Tensor  # [steps, reqs, columns]: the samples, copied (or being copied) to the host
+    event: object | None  # CUDA event after the copy; None on CPU
 
 
 def activation_bytes_estimate(model: torch.nn.Module, num_tokens: int, num_sampled: int) -> int:

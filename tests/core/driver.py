@@ -44,6 +44,39 @@ def step(s: Scheduler, runner: FakeRunner, check: bool = True):
     return plan, finished
 
 
+class AsyncDriver:
+    """Steps a scheduler the way LLMEngine does with async scheduling: a multi-step round is
+    launched, the round after it planned (schedule_after) and launched on top of it, and only
+    then is the first one applied."""
+
+    def __init__(self) -> None:
+        self.inflight = None
+
+    def step(self, s: Scheduler, runner: FakeRunner, check: bool = True):
+        if self.inflight is not None:
+            plan, handle = self.inflight
+            self.inflight = None
+            self._queue_next(s, runner, plan, handle)
+            out = runner.collect(handle)
+        else:
+            plan = s.schedule()
+            if plan.num_steps > 1:
+                handle = runner.launch(plan)
+                self._queue_next(s, runner, plan, handle)
+                out = runner.collect(handle)
+            else:
+                out = runner.execute(plan)
+        finished = s.update(plan, out)
+        if check:
+            check_invariants(s)
+        return plan, finished
+
+    def _queue_next(self, s: Scheduler, runner: FakeRunner, plan, handle) -> None:
+        nxt = s.schedule_after(plan)
+        if nxt is not None:
+            self.inflight = (nxt, runner.launch(nxt, handle))
+
+
 def drain(s: Scheduler, runner: FakeRunner, max_steps: int = 10_000, check: bool = True) -> dict:
     """Step until nothing is left; returns {request_id: finished Request}."""
     done = {}

@@ -74,6 +74,22 @@ class FakeRunner:
             out.sampled_token_ids.append(next_token(ctx, self.seeds[c.req_id], self.vocab))
         return out
 
+    def launch(self, plan: SchedulerOutput, prev: tuple | None = None) -> tuple:
+        """Async scheduling's launch: runs the round now (the device would run it before any
+        round queued later) and keeps each request's last token for a chained round."""
+        if plan.prev_rows is not None:
+            assert prev is not None, "a chained round needs the round it follows"
+            last = prev[1]
+            for c, row in zip(plan.chunks, plan.prev_rows):
+                assert c.token_ids == [-1], "a chained round's tokens come from the device"
+                c.token_ids = [last[row]]
+        out = self.execute(plan)
+        steps = out.step_token_ids or [[t] for t in out.sampled_token_ids]
+        return out, [toks[c.num_steps - 1] for toks, c in zip(steps, plan.chunks)]
+
+    def collect(self, handle: tuple) -> RunnerOutput:
+        return handle[0]
+
     def _multi_step(self, plan: SchedulerOutput) -> RunnerOutput:
         """Several decode steps: each sub-step writes the token fed in and samples from the
         context read back through the block table; a request stops after its num_steps."""

@@ -4,15 +4,17 @@ import random
 import pytest
 
 from batchllm.core.request import RequestStatus
-from tests.core.driver import add_group, make, req, step
+from tests.core.driver import AsyncDriver, add_group, make, req, step
 from tests.core.fake_runner import reference_output
 
 V = 1000
 STATS: list[dict] = []
 
 
-def run_random(seed: int, mode: str, caching: bool, decode_steps: int = 1) -> int:
-    """Runs one random workload to the end, checking as it goes; returns its multi-step rounds."""
+def run_random(seed: int, mode: str, caching: bool, decode_steps: int = 1,
+               async_rounds: bool = False) -> int:
+    """Runs one random workload to the end, checking as it goes; returns its multi-step rounds
+    (with async_rounds, those chained onto a running round)."""
     rng = random.Random(seed)
     bs = rng.choice([2, 4, 8])
     num_blocks = rng.randint(6, 24)
@@ -38,6 +40,7 @@ def run_random(seed: int, mode: str, caching: bool, decode_steps: int = 1) -> in
     everything, aborted, done, first_step, arrival, finish_step = [], set(), {}, {}, {}, {}
     max_len = s.max_model_len
     copies = multi_rounds = 0
+    driver = AsyncDriver() if async_rounds else None
     for t in range(3000):
         while pending and pending[0][0] <= t:
             _, g = pending.pop(0)
@@ -48,15 +51,15 @@ def run_random(seed: int, mode: str, caching: bool, decode_steps: int = 1) -> in
                 s.add_request(g[0])
             everything += g
             arrival.update({r.request_id: t for r in g})
-        if not pending and not s.has_unfinished_requests():
+        if not pending and not s.has_unfinished_requests() and not (driver and driver.inflight):
             break
         if s.requests and rng.random() < 0.02:
             victim = rng.choice(sorted(s.requests))
             aborted.add(victim)
             s.finish_requests([victim], RequestStatus.FINISHED_ABORTED)
-        plan, finished = step(s, runner)
+        plan, finished = driver.step(s, runner) if driver else step(s, runner)
         copies += len(plan.copy_blocks)
-        multi_rounds += plan.num_steps > 1
+        multi_rounds += plan.prev_rows is not None if driver else plan.num_steps > 1
         assert plan.num_scheduled_tokens <= s.config.max_num_batched_tokens
         assert len(plan.chunks) <= s.config.max_num_seqs
         for c in plan.chunks:
@@ -100,4 +103,13 @@ def test_random_workloads(mode, caching):
 def test_random_workloads_with_multi_step_decode(mode):
     """The same books and outputs when decode rounds of 3 steps are planned where possible."""
     rounds = [run_random(seed, mode, caching=seed % 2 == 0, decode_steps=3) for seed in range(12)]
+    assert sum(rounds) > 0
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap", "auto"])
+def test_random_workloads_with_async_rounds(mode):
+    """The same books and outputs when each multi-step round is planned and queued before the
+    one before it is applied (aborts, EOS and waiting requests arrive while a round is queued)."""
+    rounds = [run_random(seed, mode, caching=seed % 2 == 1, decode_steps=3, async_rounds=True)
+              for seed in range(12)]
     assert sum(rounds) > 0

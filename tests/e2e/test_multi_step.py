@@ -1,4 +1,9 @@
-"""Multi-step decode (several decode steps per scheduling round) gives exactly the single-step outputs."""
+"""Multi-step decode (several decode steps per scheduling round) gives exactly the single-step outputs.
+
+Every test runs twice: with rounds applied one at a time, and with async scheduling (the next
+round planned and queued, fed by the previous round's last tokens, before the previous round's
+results are applied). Single-step engines (steps=1) are the reference in both.
+"""
 from __future__ import annotations
 
 import pytest
@@ -6,9 +11,26 @@ import pytest
 from batchllm import LLM, SamplingParams
 from tests.e2e.test_generate import VOCAB, hf_greedy, make_prompts
 
+ASYNC = {"on": False}
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["sync", "async"])
+def async_rounds(request):
+    ASYNC["on"] = request.param
+    yield request.param
+    ASYNC["on"] = False
+
 
 def llm_for(model_dir, steps: int, **kw) -> LLM:
-    return LLM(str(model_dir), dtype="float32", device="cpu", num_decode_steps=steps, **kw)
+    return LLM(str(model_dir), dtype="float32", device="cpu", num_decode_steps=steps,
+               async_scheduling=ASYNC["on"] and steps > 1, **kw)
+
+
+def rounds_ok(llm: LLM) -> bool:
+    """Multi-step rounds ran, and with async scheduling some were chained onto a running one."""
+    stats = llm.stats()
+    chained = stats["num_chained_rounds"] > 0 if ASYNC["on"] else stats["num_chained_rounds"] == 0
+    return stats["num_multi_step_rounds"] > 0 and chained
 
 
 def test_greedy_matches_hf_with_uneven_lengths(tiny_model_dir):
@@ -20,7 +42,7 @@ def test_greedy_matches_hf_with_uneven_lengths(tiny_model_dir):
                                   for n in lengths])
     assert [o.outputs[0].token_ids for o in outs] == want
     assert all(o.outputs[0].finish_reason == "length" for o in outs)
-    assert llm.stats()["num_multi_step_rounds"] > 0
+    assert rounds_ok(llm)
 
 
 def test_model_length_limit_ends_mid_round(tiny_model_dir):
@@ -42,7 +64,7 @@ def test_sampling_logprobs_and_penalties_equal_single_step(tiny_model_dir):
     a = llm_for(tiny_model_dir, 1).generate(prompts, params)
     five = llm_for(tiny_model_dir, 5)
     b = five.generate(prompts, params)
-    assert five.stats()["num_multi_step_rounds"] > 0
+    assert rounds_ok(five)
     for x, y in zip(a, b):
         assert x.outputs[0].token_ids == y.outputs[0].token_ids
         assert x.outputs[0].logprobs == pytest.approx(y.outputs[0].logprobs, abs=1e-5)
@@ -58,7 +80,7 @@ def test_stop_string_inside_a_round_cuts_tokens_and_text(tiny_model_dir):
     one = llm_for(tiny_model_dir, 1).generate([prompt], sp)[0].outputs[0]
     eight = llm_for(tiny_model_dir, 8)
     many = eight.generate([prompt], sp)[0].outputs[0]
-    assert eight.stats()["num_multi_step_rounds"] > 0
+    assert rounds_ok(eight)
     assert many.text == one.text == full.text[:full.text.index(stop)]
     assert many.token_ids == one.token_ids and len(many.logprobs) == len(many.token_ids)
     assert many.finish_reason == "stop" and many.stop_reason == stop
@@ -72,8 +94,7 @@ def test_multi_step_under_cache_pressure_and_waiting_requests(tiny_model_dir):
         llm = llm_for(tiny_model_dir, 4, block_size=4, num_gpu_blocks_override=24, max_num_seqs=3,
                       preemption_mode=mode, swap_space=0.01, max_num_batched_tokens=32)
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, sp)] == base
-        stats = llm.stats()
-        assert stats["num_multi_step_rounds"] > 0 and stats["num_preemptions"] > 0
+        assert rounds_ok(llm) and llm.stats()["num_preemptions"] > 0
 
 
 def test_parallel_samples_and_stop_token_mid_round(tiny_model_dir):
@@ -90,4 +111,4 @@ def test_parallel_samples_and_stop_token_mid_round(tiny_model_dir):
                                                  stop_token_ids=[stop_at]))[0].outputs[0]
     assert cut.token_ids == single[:single.index(stop_at) + 1]
     assert cut.finish_reason == "stop" and cut.stop_reason == stop_at
-    assert four.stats()["num_multi_step_rounds"] > 0
+    assert rounds_ok(four)

@@ -135,3 +135,30 @@ def test_a_reused_penalty_slot_starts_clean():
     s.add_request(NewRequestData("b", [5], SamplingParams(temperature=0, frequency_penalty=2.0), None), EOS)
     assert s.sample(_row(2.0, 1.5), ["b"]).token_ids == [0]
     assert s.num_requests == 1
+
+
+@pytest.mark.parametrize("kw", [
+    dict(temperature=0),  # the greedy fast path, which reads bf16 logits as they are
+    dict(temperature=0, logprobs=3),  # fast path plus top log-probs
+    dict(temperature=1.0, top_p=0.9, seed=5),  # random sampling
+    dict(temperature=0, repetition_penalty=1.5, prompt=[1, 2]),  # penalties
+])
+def test_bfloat16_logits_sample_like_the_same_values_in_float32(kw):
+    logits = (torch.randn(3, V, generator=torch.Generator().manual_seed(6)) * 3).to(torch.bfloat16)
+    logits[1, 2] = float("nan")
+    logits[2, [1, 4]] = logits[2].max() + 1  # a tie: the first index wins
+    ids = ["a", "b", "c"]
+    half, full = (_sampler(**{r: dict(kw) for r in ids}) for _ in range(2))
+    for _ in range(2):  # the second step sees the penalties of the first
+        got, exp = half.sample(logits, ids), full.sample(logits.float(), ids)
+        assert got.token_ids == exp.token_ids
+        assert got.logprobs == pytest.approx(exp.logprobs, abs=1e-5, nan_ok=True)
+        assert got.errors == exp.errors and set(got.errors) == {"b"}
+        if kw.get("logprobs"):
+            assert [list(t) for t in got.top_logprobs] == [list(t) for t in exp.top_logprobs]
+            for g, e in zip(got.top_logprobs, exp.top_logprobs):
+                assert list(g.values()) == pytest.approx(list(e.values()), abs=1e-5, nan_ok=True)
+        else:
+            assert got.top_logprobs is None and exp.top_logprobs is None
+    if kw["temperature"] == 0 and "repetition_penalty" not in kw:
+        assert got.token_ids[2] == 1
