@@ -51,6 +51,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's storage dtype for the kv_cache_dtype setting."""
+    return torch.float8_e4m3fn if name in ("fp8", "fp8_e4m3") else model_dtype
+
+
 def resolve_backend(name: str, device: torch.device) -> str:
     from batchllm.kernels import triton_available
 
@@ -91,7 +96,7 @@ class LLMEngine:
         self.extra_eos_ids = eos_ids[1:]
 
         f = model.family
-        dtype = next(model.parameters()).dtype
+        dtype = kv_cache_dtype(config.cache.kv_cache_dtype, next(model.parameters()).dtype)
         block_size = config.cache.block_size
         block_bytes = bytes_per_block(hf_config.num_hidden_layers, block_size, f.num_kv_heads,
                                       f.head_dim, dtype)

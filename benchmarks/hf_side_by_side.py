@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (count_output_tokens, greedy, machine_info, make_llm, rates,  # noqa: E402
+from benchmarks.common import (count_output_tokens, greedy, machine_info, make_llm, parse_sets, rates,  # noqa: E402
                                release, timed_generate, write_json)
 from benchmarks.shapes import write_model_dir  # noqa: E402
 from benchmarks.workloads import build_workload, warmup_workload  # noqa: E402
@@ -83,6 +83,8 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--num-prompts", type=int, default=None, help="first N prompts of W-hf only (quick runs)")
     ap.add_argument("--skip-generate-batch", action="store_true")
+    ap.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                    help="also time batchllm with these engine settings (e.g. kv_cache_dtype=fp8)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("hf_side_by_side.py needs a CUDA GPU")
@@ -112,17 +114,24 @@ def main() -> None:
         del model
         release()
 
-        llm = make_llm(weights_dir, load_format="auto")
-        warm_p, warm_o = warmup_workload(work)
-        llm.generate(warm_p, [greedy(n) for n in warm_o])
-        sec, outs = timed_generate(llm, prompts, out_lens)
-        figures["batchllm"] = rates(sec, len(outs), n_prompt, count_output_tokens(outs))
-        ours = [list(o.outputs[0].token_ids) for o in outs]
-        del llm
-        release()
+        ours = None
+        for variant in [""] + args.variant:
+            settings = parse_sets([kv for kv in variant.split(",") if kv])
+            llm = make_llm(weights_dir, load_format="auto", **settings)
+            warm_p, warm_o = warmup_workload(work)
+            llm.generate(warm_p, [greedy(n) for n in warm_o])
+            sec, outs = timed_generate(llm, prompts, out_lens)
+            name = f"batchllm[{variant}]" if variant else "batchllm"
+            figures[name] = rates(sec, len(outs), n_prompt, count_output_tokens(outs))
+            ours = ours or [list(o.outputs[0].token_ids) for o in outs]
+            del llm
+            release()
 
     base = figures["hf_generate"]["output_tok_per_s"]
     figures["batchllm_over_hf_generate"] = round(figures["batchllm"]["output_tok_per_s"] / base, 2)
+    for variant in args.variant:
+        figures[f"batchllm[{variant}]_over_hf_generate"] = round(
+            figures[f"batchllm[{variant}]"]["output_tok_per_s"] / base, 2)
     if isinstance(figures["hf_generate_batch"], dict):
         figures["batchllm_over_hf_generate_batch"] = round(
             figures["batchllm"]["output_tok_per_s"] / figures["hf_generate_batch"]["output_tok_per_s"], 2)

@@ -18,7 +18,7 @@ OUTPUT_FORMATS = ("arrow", "openai-batch")
 TOO_LONG_POLICIES = ("error", "truncate_left", "skip")
 # Engine settings that change what a request generates (part of the job fingerprint).
 OUTPUT_AFFECTING_ENGINE_KEYS = ("dtype", "seed", "max_model_len", "load_format", "trust_remote_code",
-                                "allow_pickle")
+                                "allow_pickle", "kv_cache_dtype")
 
 
 @dataclass(slots=True)

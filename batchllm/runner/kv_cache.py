@@ -25,6 +25,8 @@ class KVCache:
         pin = device.type == "cuda" and num_cpu_blocks > 0
         self.cpu = torch.empty(cpu_shape, dtype=dtype, device="cpu", pin_memory=pin)
         self.num_blocks, self.num_cpu_blocks = num_blocks, max(num_cpu_blocks, 0)
+        # block moves copy bytes (indexing has no float8 kernels on every device)
+        self._gpu_bytes, self._cpu_bytes = self.gpu.view(torch.uint8), self.cpu.view(torch.uint8)
 
     def layer_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(self.gpu[i, 0], self.gpu[i, 1]) for i in range(self.gpu.shape[0])]
@@ -38,7 +40,7 @@ class KVCache:
             return
         src = self._index([p[0] for p in pairs], self.device)
         dst = self._index([p[1] for p in pairs], torch.device("cpu"))
-        self.cpu[:, :, dst] = self.gpu[:, :, src].to("cpu")
+        self._cpu_bytes[:, :, dst] = self._gpu_bytes[:, :, src].to("cpu")
 
     def swap_in(self, pairs: list[tuple[int, int]]) -> None:
         """Copy (cpu block, gpu block) pairs host → device."""
@@ -46,7 +48,7 @@ class KVCache:
             return
         src = self._index([p[0] for p in pairs], torch.device("cpu"))
         dst = self._index([p[1] for p in pairs], self.device)
-        self.gpu[:, :, dst] = self.cpu[:, :, src].to(self.device, non_blocking=True)
+        self._gpu_bytes[:, :, dst] = self._cpu_bytes[:, :, src].to(self.device, non_blocking=True)
 
     def copy(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: (src, dst) device blocks."""
@@ -54,7 +56,7 @@ class KVCache:
             return
         src = self._index([p[0] for p in pairs], self.device)
         dst = self._index([p[1] for p in pairs], self.device)
-        self.gpu[:, :, dst] = self.gpu[:, :, src]
+        self._gpu_bytes[:, :, dst] = self._gpu_bytes[:, :, src]
 
 
 def num_device_blocks(device: torch.device, block_bytes: int, gpu_memory_utilization: float,

@@ -57,3 +57,9 @@ def test_preemption_and_prefix_hits_keep_outputs(llm, smollm2_dir):
         stats = small.stats()
         assert stats["num_preemptions"] > 0
         assert stats["prefix_cache_hits"] > 0
+
+
+def test_quickstart_answer_with_fp8_kv_cache(smollm2_dir):
+    llm = LLM(str(smollm2_dir), dtype="float32", device="cpu", kv_cache_dtype="fp8")
+    out = llm.chat(CHATS[0], SamplingParams(temperature=0.0, max_tokens=20))[0]
+    assert out.outputs[0].text.strip() == "The capital of France is Paris."
