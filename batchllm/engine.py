@@ -245,6 +245,15 @@ class LLMEngine:
             lps = out.step_logprobs[i] if multi else ([out.logprobs[i]] if out.logprobs else None)
             tops = (out.step_top_logprobs[i] if multi else [out.top_logprobs[i]]) \
                 if out.top_logprobs is not None else None
+            if sample.detok is None:  # no stop strings to watch: take the round's tokens at once
+                n = len(tokens)
+                self._num_generated_tokens += n
+                sample.num_seen += n
+                if lps is not None:
+                    sample.logprobs.extend(lps[:n])
+                if tops is not None:
+                    sample.top_logprobs.extend(tops[:n])
+                continue
             for j in range(len(tokens)):
                 self._num_generated_tokens += 1
                 sample.num_seen += 1

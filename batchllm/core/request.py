@@ -118,6 +118,10 @@ class Request:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
 
+    def extend_output_tokens(self, token_ids: list[int]) -> None:
+        self.output_token_ids.extend(token_ids)
+        self.all_token_ids.extend(token_ids)
+
     def full_block_hashes(self, block_size: int, num_tokens: int | None = None) -> list[int]:
         """Hashes of (at least) the full blocks among the first `num_tokens` tokens.
 

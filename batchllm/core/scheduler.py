@@ -421,12 +421,45 @@ class Scheduler:
         finished, self._finished = self._finished, []
         return finished
 
+    def _tokens_until_stop(self, req: Request, tokens: list[int], k: int) -> int | None:
+        """How many of a round's k tokens to append: up to and including the first that ends the
+        request by length or by a stop token (EOS, stop_token_ids past min_tokens). None when the
+        stop rules need the one-by-one path (stop tokens inside min_tokens)."""
+        params = req.sampling_params
+        n = k
+        if params.max_tokens is not None:
+            n = min(n, params.max_tokens - req.num_output_tokens)
+        n = max(1, min(n, self.max_model_len - req.num_tokens))
+        stops = params.stop_token_ids
+        eos = None if params.ignore_eos else req.eos_token_id
+        if not stops and eos is None:
+            return n
+        if req.num_output_tokens + 1 < params.min_tokens:
+            return None
+        for j in range(n):
+            t = tokens[j]
+            if t == eos or t in stops:
+                return j + 1
+        return n
+
     def _update_multi_step(self, req: Request, chunk: ScheduledChunk, tokens: list[int] | None,
                            now: float) -> None:
-        """Append a multi-step chunk's tokens one by one, stopping at the first stop condition."""
+        """Append a multi-step chunk's tokens up to the first stop condition (as appending them
+        one by one and checking after each would)."""
         if tokens is None or len(tokens) < chunk.num_steps:
             req.error = f"request {chunk.req_id!r}: the runner returned too few sampled tokens"
             self._finish(req, RequestStatus.FINISHED_ERROR)
+            return
+        n = self._tokens_until_stop(req, tokens, chunk.num_steps)
+        if n is not None:  # fast path: at most the last appended token can stop the request
+            req.num_computed_tokens = chunk.num_computed_tokens + n
+            self.kv.cache_computed_blocks(req)
+            req.extend_output_tokens(tokens[:n])
+            if req.metrics.first_token_time is None:
+                req.metrics.first_token_time = now
+            status = req.check_stop(self.max_model_len)
+            if status is not None:
+                self._finish(req, status)
             return
         for j in range(chunk.num_steps):
             req.num_computed_tokens = chunk.num_computed_tokens + j + 1

@@ -76,7 +76,7 @@ def _paged_attention_kernel(
     num_splits,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CACHE_BLOCK: tl.constexpr,
-    SPLIT: tl.constexpr, IEEE: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     pid0 = tl.program_id(0)
     b = tl.program_id(1)
@@ -117,6 +117,11 @@ def _paged_attention_kernel(
         hi = tl.minimum(hi, lo + per_split)
 
     qk_scale = scale * 1.4426950408889634  # log2(e)
+    if KV_FP8:
+        # float8 K/V convert to float16 in one instruction per pair (bf16 takes several): compute
+        # in float16, with q pre-scaled into the log2 domain (smaller, so it stays in range)
+        q = (q.to(tl.float32) * qk_scale).to(tl.float16)
+        qk_scale = 1.0
     m_i = tl.full([BLOCK_M], _MASKED, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -221,6 +226,7 @@ def paged_attention_splits(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if num_tokens == 0 or num_seqs == 0:
         return out
     split = num_splits > 1
+    kv_fp8 = k_cache.dtype == torch.float8_e4m3fn
     if split:
         assert max_query_len == 1, "split-KV is for decode-only batches"
         part = torch.empty(num_tokens, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
@@ -236,8 +242,8 @@ def paged_attention_splits(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *t_strides, *ml_strides,
         block_tables.stride(0), num_splits,
         GROUP=group, GROUP_P=group_p, BLOCK_Q=block_q, BLOCK_N=block_n, HEAD_DIM=head_dim,
-        BLOCK_D=block_d, CACHE_BLOCK=cache_block, SPLIT=split, IEEE=q.dtype == torch.float32,
-        num_warps=warps, num_stages=stages)
+        BLOCK_D=block_d, CACHE_BLOCK=cache_block, SPLIT=split,
+        IEEE=q.dtype == torch.float32 and not kv_fp8, KV_FP8=kv_fp8, num_warps=warps, num_stages=stages)
     if split:
         _merge_splits_kernel[(num_tokens, num_heads)](
             part, ml, out, num_splits, *part.stride(), *ml_strides, *out.stride(),

@@ -16,6 +16,10 @@ from batchllm.kernels import greedy_sample_for
 from batchllm.sampling_params import SamplingParams
 
 
+NONFINITE_ERROR = ("NaN or infinite logits: the model produced non-finite values for this request, "
+                   "so no token could be sampled")
+
+
 @dataclass(slots=True)
 class SamplerResult:
     token_ids: list[int]
@@ -166,8 +170,7 @@ class Sampler:
                          req_ids: list[str]) -> SamplerResult:
         token_ids = host[:, 0].long().tolist()
         logprobs = host[:, 1].tolist()
-        errors = {req_ids[i]: ("NaN or infinite logits: the model produced non-finite values for "
-                               "this request, so no token could be sampled")
+        errors = {req_ids[i]: NONFINITE_ERROR
                   for i in torch.nonzero(host[:, 2]).flatten().tolist()}
         top = None
         if k > 0:

@@ -8,6 +8,7 @@ import torch
 
 from batchllm.core.outputs import RunnerOutput, ScheduledChunk, SchedulerOutput
 from batchllm.layers.attention import AttentionMetadata
+from batchllm.layers.sampler import NONFINITE_ERROR
 from batchllm.runner.kv_cache import KVCache
 
 
@@ -222,20 +223,17 @@ class ModelRunner:
         """Wait for a launched round (only for it) and shape its samples per request."""
         if round_.event is not None:
             round_.event.synchronize()
-        req_ids, active = round_.req_ids, round_.active
-        results = [self.sampler.result_from_host(round_.host[i], d.top_k, d.num_top, req_ids)
-                   for i, d in enumerate(round_.samples)]
-        num_reqs = len(req_ids)
-        step_tokens = [[r.token_ids[i] for r in results] for i in range(num_reqs)]
-        step_logprobs = [[r.logprobs[i] for r in results] for i in range(num_reqs)]
+        req_ids, active, host = round_.req_ids, round_.active, round_.host
+        # per request, all sub-steps: transpose on the host tensor, then one tolist per column
+        step_tokens = host[:, :, 0].t().long().tolist()
+        step_logprobs = host[:, :, 1].t().tolist()
+        bad = (host[:, :, 2] != 0).numpy() & active  # a non-finite row counts while active
+        errors = {req_ids[i]: NONFINITE_ERROR for i in np.flatnonzero(bad.any(axis=0))}
         step_top = None
-        if results[0].top_logprobs is not None:
-            step_top = [[r.top_logprobs[i] for r in results] for i in range(num_reqs)]
-        errors: dict[str, str] = {}
-        for step, r in enumerate(results):
-            for rid, message in r.errors.items():
-                if active[step, req_ids.index(rid)]:
-                    errors.setdefault(rid, message)
+        if any(d.top is not None for d in round_.samples):
+            results = [self.sampler.result_from_host(host[i], d.top_k, d.num_top, req_ids)
+                       for i, d in enumerate(round_.samples)]
+            step_top = [[r.top_logprobs[i] for r in results] for i in range(len(req_ids))]
         return RunnerOutput(req_ids=req_ids, sampled_token_ids=[t[0] for t in step_tokens],
                             logprobs=[lp[0] for lp in step_logprobs],
                             top_logprobs=[t[0] for t in step_top] if step_top else None,

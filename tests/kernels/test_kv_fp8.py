@@ -33,7 +33,7 @@ def test_reference_write_saturates_and_skips_padding():
 @pytest.mark.skipif(not ON_GPU, reason="the Triton interpreter's float8 rounding is not the GPU's")
 def test_triton_write_matches_reference_bytes(triton_kernels, device):
     g = torch.Generator().manual_seed(3)
-    k = (torch.randn(37, 4, 64, generator=g) * 50).bfloat16().to(device)  # some beyond +-448
+    k = (torch.randn(37, 4, 64, generator=g) * 200).bfloat16().to(device)  # many beyond +-448
     v = torch.randn(37, 4, 64, generator=g).bfloat16().to(device)
     slots = torch.randperm(8 * 16, generator=g)[:37]
     slots[5] = -1
@@ -61,7 +61,8 @@ def test_attention_over_fp8_cache(triton_kernels, device, requests):
     exact = reference.paged_attention(*args, b.scale, b.max_query_len, b.max_seq_len)
     got = triton_kernels.paged_attention(*[a.to(device) for a in args], b.scale, b.max_query_len,
                                          b.max_seq_len).cpu()
-    torch.testing.assert_close(got, exact, atol=2e-5, rtol=2e-5)
+    # the kernel computes in float16 over a float8 cache (q rounded to 11 bits)
+    torch.testing.assert_close(got, exact, atol=3e-3, rtol=3e-3)
     # against the full-precision cache: off by float8's rounding (3 mantissa bits), not more
     full = reference.paged_attention(*b.args())
     err = (exact - full).abs().max().item()
