@@ -63,7 +63,13 @@ def _attend(acc, m_i, l_i, q, q_pos, lo, end, hi, table_ptr, k_ptr, v_ptr,
     return acc, m_i, l_i
 
 
-@triton.jit
+# Arguments that change from step to step (block-table width, split count, the (max, sum)
+# strides that follow from it) are not specialized on: Triton would otherwise compile another
+# variant whenever one of them turns divisible by 16 — in the middle of a run.
+_VARYING = ["num_splits", "stride_mlt", "stride_mlh", "stride_mls"]
+
+
+@triton.jit(do_not_specialize=["stride_bt"] + _VARYING)
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, ml_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, scale,
@@ -149,7 +155,7 @@ def _paged_attention_kernel(
         tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_VARYING)
 def _merge_splits_kernel(
     part_ptr, ml_ptr, out_ptr, num_splits,
     stride_pt, stride_ph, stride_ps, stride_pd,
@@ -247,7 +253,7 @@ def paged_attention_splits(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if split:
         _merge_splits_kernel[(num_tokens, num_heads)](
             part, ml, out, num_splits, *part.stride(), *ml_strides, *out.stride(),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits))
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=MAX_SPLITS)  # one variant for every split count
     return out
 
 
