@@ -8,6 +8,8 @@ parent (`engine.data_parallel_size`).
                                ◄── done ──────  full across units); commits chunks itself
     summary.json, once, at the end ◄── progress / finished / stopped / failed (+ figures)
 
+Until a worker first asks for work (its engine is loaded), one unit is kept back for it, so the
+replica that loads first cannot take a short job's every unit.
 Chunk names carry the unit, and a unit is held by one worker at a time, so workers never write
 the same file. A worker that dies (or whose engine fails) has its units put back on the queue;
 whoever takes one next resumes it from its committed chunks. The job fails when every worker is
@@ -86,6 +88,7 @@ class _Worker:
     figures: RunFigures = field(default_factory=RunFigures)
     status: str = "running"  # running | finished | stopped | failed: ... | died: ...
     waiting: bool = False  # asked for a unit while idle; answered when one comes back or at the end
+    asked: bool = False  # has asked for work at least once (its engine is loaded)
     pipe_open: bool = True
     reaped: bool = False  # its process has ended and its units are back on the queue
 
@@ -256,11 +259,22 @@ class Coordinator:
         else:
             raise ValueError(f"unknown message from worker {w.index}: {kind!r}")
 
+    def _reserved(self, w: _Worker) -> int:
+        """Units kept back for the other live workers still loading their engines: one each, so
+        a replica that is ready first does not take every unit of a short job (or of a job's
+        tail) before the others could start."""
+        return sum(1 for x in self.workers if x is not w and not x.asked and not x.reaped)
+
     def _want(self, w: _Worker, block: bool) -> None:
+        w.asked = True
         if self.stopping:
             self._send(w, ("stop",))
-        elif self.pending:
+        elif len(self.pending) > self._reserved(w):
             self._hand_out(w)
+        elif self.pending and not block:
+            self._send(w, ("none",))  # prefetching: the rest is kept for replicas still loading
+        elif self.pending:
+            w.waiting = True  # idle: served once the loading replicas ask or die
         elif not block:
             self._send(w, ("none",))
         elif len(self.done) >= self.todo:
@@ -271,7 +285,7 @@ class Coordinator:
     def _answer_waiting(self) -> None:
         for w in self.workers:
             if w.waiting and not w.reaped:
-                if self.pending and not self.stopping:
+                if len(self.pending) > self._reserved(w) and not self.stopping:
                     w.waiting = False
                     self._hand_out(w)
                 elif self.stopping or len(self.done) >= self.todo:
