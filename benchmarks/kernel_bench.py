@@ -18,11 +18,13 @@ from benchmarks.common import machine_info, write_json  # noqa: E402
 H, HKV, D, BS = 32, 8, 128, 16
 
 
-def _batch(ctx: list[int], q_lens: list[int]):
+def _batch(ctx: list[int], q_lens: list[int], heads: int = H, kv_heads: int = HKV, dim: int = D):
+    """Paged-attention arguments for requests of these context and query lengths (bf16, block 16,
+    KV blocks scattered at random)."""
     dev = torch.device("cuda")
     need = [(c + BS - 1) // BS for c in ctx]
     nb = sum(need)
-    k_cache = torch.randn(nb, BS, HKV, D, dtype=torch.bfloat16, device=dev)
+    k_cache = torch.randn(nb, BS, kv_heads, dim, dtype=torch.bfloat16, device=dev)
     v_cache = torch.randn_like(k_cache)
     perm = torch.randperm(nb, device=dev).to(torch.int32)
     tables = torch.zeros(len(ctx), max(need), dtype=torch.int32, device=dev)
@@ -30,10 +32,10 @@ def _batch(ctx: list[int], q_lens: list[int]):
     for i, n in enumerate(need):
         tables[i, :n] = perm[used:used + n]
         used += n
-    q = torch.randn(sum(q_lens), H, D, dtype=torch.bfloat16, device=dev)
+    q = torch.randn(sum(q_lens), heads, dim, dtype=torch.bfloat16, device=dev)
     qsl = torch.tensor([0] + q_lens, device=dev).cumsum(0).to(torch.int32)
     seq = torch.tensor(ctx, dtype=torch.int32, device=dev)
-    return q, k_cache, v_cache, tables, seq, qsl, D ** -0.5, max(q_lens), max(ctx)
+    return q, k_cache, v_cache, tables, seq, qsl, dim ** -0.5, max(q_lens), max(ctx)
 
 
 def main() -> None:

@@ -20,32 +20,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine_info, write_json  # noqa: E402
-
-BS = 16
-
+from benchmarks.kernel_bench import _batch  # noqa: E402
 
 def decode_batch(heads: int, kv_heads: int, dim: int, ctx: list[int]):
-    dev = torch.device("cuda")
-    need = [(c + BS - 1) // BS for c in ctx]
-    nb = sum(need)
-    k_cache = torch.randn(nb, BS, kv_heads, dim, dtype=torch.bfloat16, device=dev)
-    v_cache = torch.randn_like(k_cache)
-    perm = torch.randperm(nb, device=dev).to(torch.int32)
-    tables = torch.zeros(len(ctx), max(need), dtype=torch.int32, device=dev)
-    used = 0
-    for i, n in enumerate(need):
-        tables[i, :n] = perm[used:used + n]
-        used += n
-    q = torch.randn(len(ctx), heads, dim, dtype=torch.bfloat16, device=dev)
-    qsl = torch.arange(len(ctx) + 1, dtype=torch.int32, device=dev)
-    seq = torch.tensor(ctx, dtype=torch.int32, device=dev)
-    kv_bytes = sum(ctx) * 2 * kv_heads * dim * 2
-    return (q, k_cache, v_cache, tables, seq, qsl, dim ** -0.5, 1), kv_bytes
+    """(paged_attention arguments without max_seq_len, K+V bytes read) of a decode-only batch."""
+    args = _batch(ctx, [1] * len(ctx), heads, kv_heads, dim)[:8]
+    return args, sum(ctx) * 2 * kv_heads * dim * 2
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--fp8", action="store_true", help="float8 e4m3 KV cache (kv_cache_dtype=fp8)")
     args = ap.parse_args()
     from triton.testing import do_bench
 
@@ -58,9 +44,13 @@ def main() -> None:
     out: dict = {}
     for name, (h, hkv, d, ctx) in cases.items():
         b, kv_bytes = decode_batch(h, hkv, d, ctx)
+        if args.fp8:
+            b = (b[0], b[1].to(torch.float8_e4m3fn), b[2].to(torch.float8_e4m3fn), *b[3:])
+            kv_bytes //= 2
         ms = do_bench(lambda: paged_attention(*b, max(ctx)))
         rows = []
-        for bn, w, st, sp in itertools.product((32, 64, 128), (4, 8), (2, 3), (1, 2)):
+        block_ns = (32, 64, 128) + ((256,) if args.fp8 else ())
+        for bn, w, st, sp in itertools.product(block_ns, (4, 8), (2, 3, 4), (1,)):
             try:
                 t = do_bench(lambda: paged_attention_splits(*b, num_splits=sp, tiles=(16, bn, w, st)))
             except Exception as exc:  # out of shared memory etc.
@@ -71,7 +61,8 @@ def main() -> None:
         rows.sort(key=lambda r: r["ms"])
         out[name] = dict(default_ms=round(ms, 4), default_GBps=round(kv_bytes / ms / 1e6, 1), best=rows[:8])
         print(name, out[name], flush=True)
-    write_json(args.json, dict(bench="tune_decode", **machine_info(), figures=out))
+    write_json(args.json, dict(bench="tune_decode", kv_cache_dtype="fp8" if args.fp8 else "auto",
+                               **machine_info(), figures=out))
 
 
 if __name__ == "__main__":

@@ -450,24 +450,24 @@ class Scheduler:
             req.error = f"request {chunk.req_id!r}: the runner returned too few sampled tokens"
             self._finish(req, RequestStatus.FINISHED_ERROR)
             return
+        base = chunk.num_computed_tokens
         n = self._tokens_until_stop(req, tokens, chunk.num_steps)
         if n is not None:  # fast path: at most the last appended token can stop the request
-            req.num_computed_tokens = chunk.num_computed_tokens + n
-            self.kv.cache_computed_blocks(req)
-            req.extend_output_tokens(tokens[:n])
-            if req.metrics.first_token_time is None:
-                req.metrics.first_token_time = now
-            status = req.check_stop(self.max_model_len)
-            if status is not None:
-                self._finish(req, status)
+            self._append_checked(req, tokens[:n], base + n, now)
             return
         for j in range(chunk.num_steps):
-            req.num_computed_tokens = chunk.num_computed_tokens + j + 1
-            self.kv.cache_computed_blocks(req)
-            req.append_output_token(int(tokens[j]))
-            if req.metrics.first_token_time is None:
-                req.metrics.first_token_time = now
-            status = req.check_stop(self.max_model_len)
-            if status is not None:
-                self._finish(req, status)
+            if self._append_checked(req, tokens[j:j + 1], base + j + 1, now):
                 return
+
+    def _append_checked(self, req: Request, tokens: list[int], num_computed: int, now: float) -> bool:
+        """Append output tokens whose inputs are now computed; finish the request if the last
+        one stops it (True then)."""
+        req.num_computed_tokens = num_computed
+        self.kv.cache_computed_blocks(req)
+        req.extend_output_tokens([int(t) for t in tokens])
+        if req.metrics.first_token_time is None:
+            req.metrics.first_token_time = now
+        status = req.check_stop(self.max_model_len)
+        if status is not None:
+            self._finish(req, status)
+        return status is not None

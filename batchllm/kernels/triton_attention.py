@@ -197,13 +197,16 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_
     return max(1, min(want, max_seq_len // MIN_SPLIT_TOKENS, MAX_SPLITS))
 
 
-def _tile_sizes(q: torch.Tensor, group_p: int, max_query_len: int) -> tuple[int, int, int, int]:
+def _tile_sizes(q: torch.Tensor, group_p: int, max_query_len: int,
+                kv_fp8: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_Q, BLOCK_N, num_warps, num_stages) for this launch."""
     if q.device.type != "cuda":  # interpreter: small tiles keep the numpy emulation quick
         block_m, block_n = max(16, group_p), 16
         return max(1, block_m // group_p), block_n, 4, 1
     # decode: from benchmarks/tune_decode.py on an H100 (the workloads' decode batches: 2.69 ->
     # 2.76 TB/s at head dim 128, 2.48 -> 2.62 TB/s at head dim 64); prefill: tune_attention.py
+    if max_query_len == 1 and kv_fp8:  # half the bytes per key: more keys and stages in flight
+        return max(1, 16 // group_p), 128 if q.shape[-1] >= 128 else 64, 4, 3
     if max_query_len == 1:
         return max(1, 16 // group_p), 128 if q.shape[-1] >= 128 else 32, 4, 2
     return max(1, 64 // group_p), 32, 4, 2
@@ -222,7 +225,8 @@ def paged_attention_splits(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     group = num_heads // num_kv_heads
     group_p = triton.next_power_of_2(group)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_q, block_n, warps, stages = _tile_sizes(q, group_p, max_query_len)
+    kv_fp8 = k_cache.dtype == torch.float8_e4m3fn
+    block_q, block_n, warps, stages = _tile_sizes(q, group_p, max_query_len, kv_fp8)
     if tiles is not None:
         block_q, block_n, warps, stages = max(1, tiles[0] // group_p), *tiles[1:]
     num_seqs = seq_lens.shape[0]
@@ -232,7 +236,6 @@ def paged_attention_splits(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if num_tokens == 0 or num_seqs == 0:
         return out
     split = num_splits > 1
-    kv_fp8 = k_cache.dtype == torch.float8_e4m3fn
     if split:
         assert max_query_len == 1, "split-KV is for decode-only batches"
         part = torch.empty(num_tokens, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
