@@ -205,8 +205,8 @@ def _tile_sizes(q: torch.Tensor, group_p: int, max_query_len: int,
         return max(1, block_m // group_p), block_n, 4, 1
     # decode: from benchmarks/tune_decode.py on an H100 (the workloads' decode batches: 2.69 ->
     # 2.76 TB/s at head dim 128, 2.48 -> 2.62 TB/s at head dim 64); prefill: tune_attention.py
-    if max_query_len == 1 and kv_fp8:  # half the bytes per key: more keys and stages in flight
-        return max(1, 16 // group_p), 128 if q.shape[-1] >= 128 else 64, 4, 3
+    if max_query_len == 1 and kv_fp8:  # tune_decode.py --fp8 on an H100
+        return max(1, 16 // group_p), 128 if q.shape[-1] >= 128 else 64, 4, 2
     if max_query_len == 1:
         return max(1, 16 // group_p), 128 if q.shape[-1] >= 128 else 32, 4, 2
     return max(1, 64 // group_p), 32, 4, 2
