@@ -226,3 +226,46 @@ def test_a_prefix_computed_in_this_step_is_waited_for_not_computed_twice():
     s.add_request(req("b", shared + [3], t=1.0))
     plan, _ = step(s, runner)
     assert [c.req_id for c in plan.chunks] == ["a", "b"]
+
+
+def _decoding(s, runner, prompts: dict, max_tokens: dict) -> dict:
+    """Requests added and stepped until every one is decoding (first token sampled)."""
+    rs = {rid: req(rid, p, max_tokens=max_tokens[rid], t=float(i))
+          for i, (rid, p) in enumerate(prompts.items())}
+    for r in rs.values():
+        s.add_request(r)
+    while any(r.num_output_tokens == 0 for r in rs.values()):
+        step(s, runner)
+    return rs
+
+
+def test_a_chained_round_continues_where_the_running_one_ends():
+    s, runner = make(num_decode_steps=4, block_size=4, caching=False)
+    rs = _decoding(s, runner, {"a": [1] * 6, "b": [2] * 9, "c": [3] * 3}, {"a": 20, "b": 4, "c": 7})
+    first = s.schedule()
+    assert first.num_steps == 4 and first.prev_rows is None
+    steps = {c.req_id: c.num_steps for c in first.chunks}
+    assert steps == {"a": 4, "b": 3, "c": 4}  # b has 3 tokens left: it ends within this round
+    nxt = s.schedule_after(first)
+    # b is gone from the chained round; a and c go on from where `first` leaves them, fed by the
+    # last token `first` samples for them (rows of `first`), with blocks for both rounds
+    rows = {c.req_id: first.chunks[row].req_id for c, row in zip(nxt.chunks, nxt.prev_rows)}
+    assert rows == {"a": "a", "c": "c"}
+    for c in nxt.chunks:
+        prev = next(p for p in first.chunks if p.req_id == c.req_id)
+        assert c.num_computed_tokens == prev.num_computed_tokens + prev.num_steps
+        assert len(c.block_table) * 4 >= c.num_computed_tokens + c.num_steps
+    assert {c.req_id: c.num_steps for c in nxt.chunks} == {"a": 4, "c": 2}  # c: 7 tokens in all
+    # nothing was applied yet: the requests still stand where `first` started
+    assert rs["a"].num_output_tokens == 1 and rs["a"].num_computed_tokens == 6
+    assert s.stats["num_chained_rounds"] == 1
+
+
+def test_no_chained_round_while_a_waiting_request_could_start():
+    s, runner = make(num_decode_steps=4, block_size=4, max_num_seqs=4)
+    _decoding(s, runner, {"a": [1] * 6}, {"a": 30})
+    first = s.schedule()
+    assert first.num_steps == 4
+    assert s.schedule_after(first) is not None  # nothing waits: chain
+    s.add_request(req("late", [5] * 5, max_tokens=3, t=9.0))
+    assert s.schedule_after(first) is None  # it fits: apply `first`, then schedule() admits it
