@@ -219,19 +219,18 @@ class LLMEngine:
         With async scheduling, multi-step decode rounds are pipelined: the round after the one
         being applied is already queued on the device, so the device never waits for the host's
         planning and bookkeeping. `self._inflight` holds the queued round across calls."""
+        handle = None
         if self._inflight is not None:
-            plan, handle = self._inflight
-            self._inflight = None
-            self._queue_next(plan, handle)
-            out = self.runner.collect(handle)
+            (plan, handle), self._inflight = self._inflight, None
         else:
             plan = self.scheduler.schedule()
             if plan.num_steps > 1 and self.scheduler.config.async_scheduling:
                 handle = self.runner.launch(plan)
-                self._queue_next(plan, handle)
-                out = self.runner.collect(handle)
-            else:
-                out = self.runner.execute(plan)
+        if handle is not None:
+            self._queue_next(plan, handle)
+            out = self.runner.collect(handle)
+        else:
+            out = self.runner.execute(plan)
         finished = self.scheduler.update(plan, out)
         stopped: list[Request] = []
         multi = out.step_token_ids is not None

@@ -166,17 +166,11 @@ class Scheduler:
         for req in running:
             if self._num_new_tokens(req, 2) != 1 or req.num_tokens - req.num_computed_tokens != 1:
                 return False
-        if self.waiting and len(running) < self.config.max_num_seqs:
-            first = next(iter(self.waiting.values()))
-            if self.kv.num_free_blocks >= cdiv(first.num_tokens, self.block_size) + len(running):
-                return False  # it could be admitted: take an ordinary step
+        if self._could_admit(len(running)):
+            return False  # take an ordinary step
         counts = []
         for req in running:
-            params = req.sampling_params
-            k = min(steps, self.max_model_len - req.num_tokens + 1)
-            if params.max_tokens is not None:
-                k = min(k, params.max_tokens - req.num_output_tokens)
-            k = max(k, 1)
+            k = max(self._round_steps(req, req.num_tokens, req.num_output_tokens), 1)
             copies = self.kv.allocate_slots(req, k)
             if copies is None:
                 return False
@@ -188,6 +182,22 @@ class Scheduler:
         plan.num_steps = max(counts)
         self.num_multi_step_rounds += 1
         return True
+
+    def _round_steps(self, req: Request, num_tokens: int, num_outputs: int) -> int:
+        """Decode steps for a request of num_tokens tokens and num_outputs outputs in one round:
+        num_decode_steps, fewer where max_tokens or the model length ends it sooner (< 1: done)."""
+        k = min(self.config.num_decode_steps or 1, self.max_model_len - num_tokens + 1)
+        if req.sampling_params.max_tokens is not None:
+            k = min(k, req.sampling_params.max_tokens - num_outputs)
+        return k
+
+    def _could_admit(self, num_running: int) -> bool:
+        """Whether the first waiting request would fit beside num_running decoding requests (each
+        needing a block more): then a multi-step round would keep it waiting for nothing."""
+        if not self.waiting or num_running >= self.config.max_num_seqs:
+            return False
+        first = next(iter(self.waiting.values()))
+        return self.kv.num_free_blocks >= cdiv(first.num_tokens, self.block_size) + num_running
 
     def schedule_after(self, prev: SchedulerOutput) -> SchedulerOutput | None:
         """Plan the next multi-step decode round while `prev` (a multi-step round, not yet given
@@ -215,19 +225,12 @@ class Scheduler:
             if req is None or req.status != RequestStatus.RUNNING:
                 continue
             num_tokens = req.num_tokens + c.num_steps
-            num_outputs = req.num_output_tokens + c.num_steps
-            k = min(steps, self.max_model_len - num_tokens + 1)
-            if req.sampling_params.max_tokens is not None:
-                k = min(k, req.sampling_params.max_tokens - num_outputs)
+            k = self._round_steps(req, num_tokens, req.num_output_tokens + c.num_steps)
             if k < 1 or num_tokens >= self.max_model_len:
                 continue  # ends by length within prev
             rows.append((i, req, k))
-        if not rows:
-            return None
-        if self.waiting and len(rows) < self.config.max_num_seqs:
-            first = next(iter(self.waiting.values()))
-            if self.kv.num_free_blocks >= cdiv(first.num_tokens, self.block_size) + len(rows):
-                return None  # it could be admitted: let prev finish and take an ordinary step
+        if not rows or self._could_admit(len(rows)):
+            return None  # let prev finish and take an ordinary step
         plan = SchedulerOutput(finished_req_ids=self._finished_ids, prev_rows=[])
         for i, req, k in rows:
             c = prev.chunks[i]

@@ -5,6 +5,10 @@ import torch
 import triton
 import triton.language as tl
 
+from batchllm.kernels.reference import FP8_MAX
+
+_FP8_MAX = tl.constexpr(FP8_MAX)
+
 
 @triton.jit
 def _write_kv_kernel(
@@ -27,8 +31,8 @@ def _write_kv_kernel(
     k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d * stride_kd, mask=mask)
     v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d * stride_vd, mask=mask)
     if FP8:  # saturate: float8 e4m3 has no infinity
-        k = tl.minimum(tl.maximum(k.to(tl.float32), -448.0), 448.0)
-        v = tl.minimum(tl.maximum(v.to(tl.float32), -448.0), 448.0)
+        k = tl.minimum(tl.maximum(k.to(tl.float32), -_FP8_MAX), _FP8_MAX)
+        v = tl.minimum(tl.maximum(v.to(tl.float32), -_FP8_MAX), _FP8_MAX)
     tl.store(k_cache_ptr + blk * stride_kcb + within * stride_kcs + h * stride_kch + d * stride_kcd,
              k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_cache_ptr + blk * stride_vcb + within * stride_vcs + h * stride_vch + d * stride_vcd,
