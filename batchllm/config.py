@@ -111,6 +111,11 @@ class EngineConfig:
     device: str = "auto"
     attention_backend: str = "auto"
     enforce_eager: bool = False  # no CUDA graphs
+    # Decode batches whose requests all start with the same cached blocks (a shared system prompt
+    # or few-shot preamble, the n samples of one prompt) read those keys once per step for the
+    # whole batch instead of once per request (Triton backend; used when the shared part is at
+    # least 256 tokens and the batch has 8 or more requests). Outputs equal within rounding.
+    cascade_attention: bool = True
 
     def __post_init__(self) -> None:
         _check(self.device in DEVICES or self.device.startswith("cuda:"), "device", self.device,
@@ -125,7 +130,7 @@ def engine_config_field_names() -> dict[str, type]:
     for cls in (ModelConfig, CacheConfig, SchedulerConfig):
         for f in fields(cls):
             out[f.name] = cls
-    for name in ("device", "attention_backend", "enforce_eager"):
+    for name in ("device", "attention_backend", "enforce_eager", "cascade_attention"):
         out[name] = EngineConfig
     return out
 

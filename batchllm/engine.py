@@ -113,7 +113,8 @@ class LLMEngine:
         self.kv_cache = KVCache(hf_config.num_hidden_layers, num_blocks, num_cpu_blocks, block_size,
                                 f.num_kv_heads, f.head_dim, dtype, self.device)
         self.runner = ModelRunner(model, self.kv_cache, self.sampler, block_size, self.device,
-                                  self.eos_token_id)
+                                  self.eos_token_id,
+                                  shared_prefix=config.cascade_attention and self.backend == "triton")
         if self.device.type == "cuda" and self.backend == "triton" and not config.enforce_eager:
             self.runner.capture_decode_graphs(min(sched.max_num_seqs, 512), self.max_model_len)
         if sched.num_decode_steps is None:
@@ -343,7 +344,8 @@ class LLMEngine:
         s.update(num_prompt_tokens=self._num_prompt_tokens,
                  num_generated_tokens=self._num_generated_tokens,
                  num_gpu_blocks=self.num_blocks, num_cpu_blocks=self.num_cpu_blocks,
-                 num_oom_splits=self.runner.num_oom_splits)
+                 num_oom_splits=self.runner.num_oom_splits,
+                 num_shared_prefix_steps=self.runner.num_shared_prefix_steps)
         return s
 
 

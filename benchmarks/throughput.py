@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from benchmarks.shapes import shape_stats, write_model_dir  # noqa: E402
 from benchmarks.workloads import WORKLOADS, Workload, build_workload, warmup_workload  # noqa: E402
 
 COUNTERS = ("num_preemptions", "prefix_cache_queries", "prefix_cache_hits", "num_prompt_tokens",
-            "num_generated_tokens")
+            "num_generated_tokens", "num_shared_prefix_steps")
 
 
 def warm_up(llm, work: Workload) -> None:
@@ -33,7 +34,9 @@ def warm_up(llm, work: Workload) -> None:
 
 def run_once(model_dir: Path, work: Workload, logprobs: int | None = None, **engine_kwargs: object) -> dict:
     """Build an engine, warm it up, time the workload; returns figures, stats delta and outputs."""
+    t0 = time.perf_counter()
     llm = make_llm(model_dir, **engine_kwargs)
+    startup = time.perf_counter() - t0  # weights, KV cache, CUDA graph capture
     warm_up(llm, work)
     before = llm.stats()
     seconds, outs = timed_generate(llm, work.prompts, work.output_lens, logprobs)
@@ -41,7 +44,7 @@ def run_once(model_dir: Path, work: Workload, logprobs: int | None = None, **eng
     delta = {k: after[k] - before.get(k, 0) for k in COUNTERS if k in after}
     errors = [o.outputs[0].finish_reason for o in outs if o.outputs[0].finish_reason == "error"]
     result = dict(rates(seconds, len(outs), work.num_prompt_tokens, count_output_tokens(outs)),
-                  stats=delta, num_errors=len(errors), engine=engine_kwargs,
+                  stats=delta, num_errors=len(errors), engine=engine_kwargs, startup_s=round(startup, 2),
                   kv_blocks=getattr(llm.engine, "num_blocks", None))
     tokens = [list(o.outputs[0].token_ids) for o in outs]
     top = [o.outputs[0].top_logprobs for o in outs] if logprobs else None

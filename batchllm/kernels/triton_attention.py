@@ -11,6 +11,16 @@ BLOCK_N positions through the block table, with an online softmax accumulated in
 Split-KV (flash-decoding): for decode-only batches with few requests and long contexts, each
 (request, KV head) pair is also split along its keys into `num_splits` programs that write an
 unnormalized partial result plus (max, sum) per row; a second kernel merges the partials.
+
+Shared prefix (cascade): when every request of a decode-only batch starts with the same cache
+blocks (a common system prompt, a few-shot preamble, the n samples of one prompt), those keys are
+read once per KV head for the whole batch instead of once per request. One kernel attends every
+(request, query head) row of a KV head to the shared keys, as one large tile of queries; the
+main kernel attends each request to its own keys after the prefix; the merge kernel combines the
+partials by their (max, sum), exactly as for split-KV:
+
+    keys of request b:  [ shared prefix: block_tables[0, :P] ][ own keys ... ctx-1 ]
+                          ^ all rows of the batch at once       ^ per request
 """
 from __future__ import annotations
 
@@ -66,23 +76,23 @@ def _attend(acc, m_i, l_i, q, q_pos, lo, end, hi, table_ptr, k_ptr, v_ptr,
 # Arguments that change from step to step (block-table width, split count, the (max, sum)
 # strides that follow from it) are not specialized on: Triton would otherwise compile another
 # variant whenever one of them turns divisible by 16 — in the middle of a run.
-_VARYING = ["num_splits", "stride_mlt", "stride_mlh", "stride_mls"]
+_VARYING = ["num_splits", "stride_mlt", "stride_mlh", "stride_mls", "split_base"]
 
 
 @triton.jit(do_not_specialize=["stride_bt"] + _VARYING)
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, ml_ptr,
-    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, scale,
+    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, prefix_len_ptr, scale,
     stride_qt, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_ot, stride_oh, stride_os, stride_od,
     stride_mlt, stride_mlh, stride_mls,
     stride_bt,
-    num_splits,
+    num_splits, split_base,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CACHE_BLOCK: tl.constexpr,
-    SPLIT: tl.constexpr, IEEE: tl.constexpr, KV_FP8: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE: tl.constexpr, KV_FP8: tl.constexpr, SHARED_PREFIX: tl.constexpr,
 ):
     pid0 = tl.program_id(0)
     b = tl.program_id(1)
@@ -117,9 +127,11 @@ def _paged_attention_kernel(
     last_q = tl.minimum(tile * BLOCK_Q + BLOCK_Q, q_len) - 1
     hi = tl.minimum(ctx, ctx - q_len + last_q + 1)
     lo = 0
+    if SHARED_PREFIX:  # the keys before prefix_len are another kernel's (_shared_prefix_kernel)
+        lo = tl.load(prefix_len_ptr)
     if SPLIT:
-        per_split = tl.cdiv(tl.cdiv(hi, num_splits), BLOCK_N) * BLOCK_N
-        lo = split * per_split
+        per_split = tl.cdiv(tl.cdiv(hi - lo, num_splits), BLOCK_N) * BLOCK_N
+        lo = lo + split * per_split
         hi = tl.minimum(hi, lo + per_split)
 
     qk_scale = scale * 1.4426950408889634  # log2(e)
@@ -146,6 +158,7 @@ def _paged_attention_kernel(
 
     out_offs = tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od
     if SPLIT:
+        split += split_base
         tl.store(out_ptr + out_offs + split * stride_os, acc, mask=row_ok[:, None] & d_ok[None, :])
         ml_offs = tok * stride_mlt + head * stride_mlh + split * stride_mls
         tl.store(ml_ptr + ml_offs, m_i, mask=row_ok)
@@ -179,6 +192,63 @@ def _merge_splits_kernel(
     out = tl.sum(part * w[:, None], 0) / tl.sum(l * w, 0)
     tl.store(out_ptr + t * stride_ot + h * stride_oh + offs_d * stride_od,
              out.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+@triton.jit(do_not_specialize=["num_tokens"] + _VARYING)
+def _shared_prefix_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, part_ptr, ml_ptr, block_tables_ptr, prefix_len_ptr, num_tokens,
+    scale,
+    stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_pt, stride_ph, stride_ps, stride_pd,
+    stride_mlt, stride_mlh, stride_mls,
+    num_splits,
+    GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CACHE_BLOCK: tl.constexpr,
+    IEEE: tl.constexpr, KV_FP8: tl.constexpr,
+):
+    """Partial attention of BLOCK_T decode tokens (x their KV head's query heads) to the keys
+    [0, prefix_len) that every request shares, found through block_tables row 0; split `split`
+    of `num_splits` along those keys. Writes unnormalized (acc, max, sum) like the split path."""
+    tile = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    BLOCK_M: tl.constexpr = BLOCK_T * GROUP_P
+    offs_m = tl.arange(0, BLOCK_M)
+    tok = (tile * BLOCK_T + offs_m // GROUP_P).to(tl.int64)
+    hg = offs_m % GROUP_P
+    head = kvh * GROUP + hg
+    row_ok = (tok < num_tokens) & (hg < GROUP)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    prefix = tl.load(prefix_len_ptr)
+    per_split = tl.cdiv(tl.cdiv(prefix, num_splits), BLOCK_N) * BLOCK_N
+    lo = split * per_split
+    hi = tl.minimum(prefix, lo + per_split)
+    qk_scale = scale * 1.4426950408889634  # log2(e)
+    if KV_FP8:  # as in _paged_attention_kernel
+        q = (q.to(tl.float32) * qk_scale).to(tl.float16)
+        qk_scale = 1.0
+    m_i = tl.full([BLOCK_M], _MASKED, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    q_pos = tl.zeros([BLOCK_M], dtype=tl.int32) + hi  # every query comes after every shared key
+    full_end = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
+    k_base, v_base = k_cache_ptr + kvh * stride_kh, v_cache_ptr + kvh * stride_vh
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, lo, full_end, hi, block_tables_ptr, k_base, v_base,
+                            stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
+                            offs_d, d_ok, qk_scale, BLOCK_N, CACHE_BLOCK, IEEE, False)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, full_end, hi, hi, block_tables_ptr, k_base, v_base,
+                            stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
+                            offs_d, d_ok, qk_scale, BLOCK_N, CACHE_BLOCK, IEEE, True)
+    tl.store(part_ptr + tok[:, None] * stride_pt + head[:, None] * stride_ph + split * stride_ps
+             + offs_d[None, :] * stride_pd, acc, mask=row_ok[:, None] & d_ok[None, :])
+    ml_offs = tok * stride_mlt + head * stride_mlh + split * stride_mls
+    tl.store(ml_ptr + ml_offs, m_i, mask=row_ok)
+    tl.store(ml_ptr + ml_offs + 1, l_i, mask=row_ok)
 
 
 @functools.lru_cache(maxsize=8)
@@ -247,12 +317,13 @@ def paged_attention_splits(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     t_strides = (target.stride(0), target.stride(1), target.stride(2) if split else 0, target.stride(-1))
     ml_strides = (ml.stride(0), ml.stride(1), ml.stride(2)) if split else (0, 0, 0)
     _paged_attention_kernel[(grid0, num_seqs, num_kv_heads)](
-        q, k_cache, v_cache, target, ml, block_tables, seq_lens, query_start_loc, float(scale),
+        q, k_cache, v_cache, target, ml, block_tables, seq_lens, query_start_loc, seq_lens, float(scale),
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *t_strides, *ml_strides,
-        block_tables.stride(0), num_splits,
+        block_tables.stride(0), num_splits, 0,
         GROUP=group, GROUP_P=group_p, BLOCK_Q=block_q, BLOCK_N=block_n, HEAD_DIM=head_dim,
         BLOCK_D=block_d, CACHE_BLOCK=cache_block, SPLIT=split,
-        IEEE=q.dtype == torch.float32 and not kv_fp8, KV_FP8=kv_fp8, num_warps=warps, num_stages=stages)
+        IEEE=q.dtype == torch.float32 and not kv_fp8, KV_FP8=kv_fp8, SHARED_PREFIX=False,
+        num_warps=warps, num_stages=stages)
     if split:
         _merge_splits_kernel[(num_tokens, num_heads)](
             part, ml, out, num_splits, *part.stride(), *ml_strides, *out.stride(),
@@ -260,15 +331,84 @@ def paged_attention_splits(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out
 
 
+def choose_prefix_splits(num_tokens: int, num_kv_heads: int, group_p: int, num_sms: int) -> int:
+    """Splits along the shared keys: enough programs for about two waves over the SMs. Fixed by
+    the batch's shape alone (not the prefix length), so a CUDA graph can hold it."""
+    tiles = triton.cdiv(num_tokens * group_p, _PREFIX_BLOCK_M) * num_kv_heads
+    return max(1, min(triton.cdiv(2 * num_sms, tiles), MAX_SPLITS // 4))
+
+
+_PREFIX_BLOCK_M = 128  # (token, query head) rows per program of _shared_prefix_kernel on the GPU
+
+
+def shared_prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                            query_start_loc: torch.Tensor, scale: float, shared_prefix_len: torch.Tensor,
+                            prefix_splits: int | None = None,
+                            tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """Decode-only attention where the first shared_prefix_len keys ([1] int32 on the device, a
+    multiple of the cache block size, below every request's context length) sit in the same
+    blocks for every request: block_tables[b, :P] == block_tables[0, :P]. Same result as
+    paged_attention; the shared keys are read once per KV head instead of once per request.
+    tiles: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the shared-key kernel (for tuning)."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads, cache_block = k_cache.shape[2], k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    group_p = triton.next_power_of_2(group)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    kv_fp8 = k_cache.dtype == torch.float8_e4m3fn
+    ieee = q.dtype == torch.float32 and not kv_fp8
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if num_tokens == 0:
+        return out
+    if block_tables.stride(-1) != 1:
+        block_tables = block_tables.contiguous()
+    on_gpu = q.device.type == "cuda"
+    if prefix_splits is None:
+        prefix_splits = choose_prefix_splits(num_tokens, num_kv_heads, group_p,
+                                             _num_sms(q.device.index or 0) if on_gpu else 2)
+    splits = prefix_splits + 1  # the last one: each request's own keys
+    part = torch.empty(num_tokens, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
+    ml = torch.empty(num_tokens, num_heads, splits, 2, dtype=torch.float32, device=q.device)
+    block_m, block_n, warps, stages = (_PREFIX_BLOCK_M, 64, 8, 2) if on_gpu else (max(16, group_p), 16, 4, 1)
+    if tiles is not None:
+        block_m, block_n, warps, stages = tiles
+    block_t = max(1, block_m // group_p)
+    _shared_prefix_kernel[(triton.cdiv(num_tokens, block_t), num_kv_heads, prefix_splits)](
+        q, k_cache, v_cache, part, ml, block_tables, shared_prefix_len, num_tokens, float(scale),
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *part.stride(), *ml.stride()[:3],
+        prefix_splits,
+        GROUP=group, GROUP_P=group_p, BLOCK_T=block_t, BLOCK_N=block_n, HEAD_DIM=head_dim,
+        BLOCK_D=block_d, CACHE_BLOCK=cache_block, IEEE=ieee, KV_FP8=kv_fp8,
+        num_warps=warps, num_stages=stages)
+    block_q, block_n, warps, stages = _tile_sizes(q, group_p, 1, kv_fp8)
+    _paged_attention_kernel[(1, num_tokens, num_kv_heads)](
+        q, k_cache, v_cache, part, ml, block_tables, seq_lens, query_start_loc, shared_prefix_len,
+        float(scale), *q.stride(), *k_cache.stride(), *v_cache.stride(), *part.stride(),
+        *ml.stride()[:3], block_tables.stride(0), 1, prefix_splits,
+        GROUP=group, GROUP_P=group_p, BLOCK_Q=block_q, BLOCK_N=block_n, HEAD_DIM=head_dim,
+        BLOCK_D=block_d, CACHE_BLOCK=cache_block, SPLIT=True, IEEE=ieee, KV_FP8=kv_fp8,
+        SHARED_PREFIX=True, num_warps=warps, num_stages=stages)
+    _merge_splits_kernel[(num_tokens, num_heads)](
+        part, ml, out, splits, *part.stride(), *ml.stride()[:3], *out.stride(),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=MAX_SPLITS)
+    return out
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, seq_lens: torch.Tensor,
                     query_start_loc: torch.Tensor, scale: float,
-                    max_query_len: int, max_seq_len: int) -> torch.Tensor:
+                    max_query_len: int, max_seq_len: int,
+                    shared_prefix_len: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of a mixed batch over the paged cache (see reference.paged_attention).
 
     max_query_len must bound every request's query length (it sizes the launch grid); max_seq_len
-    only steers the split-KV heuristic. Neither is read back from the device.
+    only steers the split-KV heuristic. Neither is read back from the device. shared_prefix_len:
+    for a decode-only batch whose requests share their first blocks, see shared_prefix_attention.
     """
+    if shared_prefix_len is not None and max_query_len == 1:
+        return shared_prefix_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                                       scale, shared_prefix_len)
     num_splits = 1
     if q.device.type == "cuda":
         num_splits = choose_num_splits(seq_lens.shape[0], k_cache.shape[2], max_query_len, max_seq_len,

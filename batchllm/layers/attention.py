@@ -18,6 +18,9 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] int32
     max_query_len: int
     max_seq_len: int
+    # decode-only batches: [1] int32, how many leading keys every request reads from the same
+    # blocks (block_tables[:, :P] all equal row 0); None = no shared prefix to exploit
+    shared_prefix_len: torch.Tensor | None = None
 
 
 class PagedAttention(nn.Module):
@@ -35,4 +38,4 @@ class PagedAttention(nn.Module):
         self.kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         return self.kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                             meta.query_start_loc, self.scale, meta.max_query_len,
-                                            meta.max_seq_len)
+                                            meta.max_seq_len, shared_prefix_len=meta.shared_prefix_len)

@@ -57,12 +57,30 @@ def build_host_batch(chunks: list[ScheduledChunk], block_size: int) -> HostBatch
                      int(q_lens.max()))
 
 
+# A shared prefix is read once per step for the whole batch (cascade attention) only when that
+# saves much: below these sizes the extra partial results and merge cost about what they save.
+SHARED_PREFIX_MIN_TOKENS = 256
+SHARED_PREFIX_MIN_REQS = 8
+
+
+def shared_prefix_blocks(block_tables: np.ndarray, positions: np.ndarray, block_size: int) -> int:
+    """How many leading blocks every request of a decode batch shares (the same block ids in
+    every row), among the blocks wholly before each request's first query position: those are
+    written already and this step writes none of them."""
+    cap = int(positions.min()) // block_size
+    head = block_tables[:, :cap]
+    differs = (head != head[:1]).any(axis=0)
+    return int(differs.argmax()) if differs.any() else cap
+
+
 class ModelRunner:
     """Owns the model, the KV cache and the sampler; never mutates requests or block tables."""
 
     def __init__(self, model: torch.nn.Module, kv_cache: KVCache, sampler, block_size: int,
-                 device: torch.device, eos_token_id: int | None):
+                 device: torch.device, eos_token_id: int | None, shared_prefix: bool = False):
         self.model, self.kv_cache, self.sampler = model, kv_cache, sampler
+        self.shared_prefix = shared_prefix  # the kernels can read a shared prefix once per batch
+        self.num_shared_prefix_steps = 0
         self.eos_token_id = eos_token_id
         self.block_size, self.device = block_size, device
         self.layer_caches = kv_cache.layer_caches()
@@ -75,7 +93,8 @@ class ModelRunner:
 
         max_blocks = (max_model_len + self.block_size - 1) // self.block_size
         graphs = DecodeGraphs(self.model, self.layer_caches, self.device, max_batch, max_blocks,
-                              max_model_len)
+                              max_model_len,
+                              shared_prefix_min_reqs=SHARED_PREFIX_MIN_REQS if self.shared_prefix else None)
         graphs.capture()
         self.graphs = graphs
 
@@ -85,13 +104,24 @@ class ModelRunner:
             t = t.pin_memory()
         return t.to(self.device, non_blocking=True)
 
-    def _logits_eager(self, hb: HostBatch) -> torch.Tensor:
+    def _shared_prefix_len(self, block_tables: np.ndarray, positions: np.ndarray) -> int:
+        """Keys a decode batch may read once for all its requests (0: read them per request)."""
+        if not self.shared_prefix or len(block_tables) < SHARED_PREFIX_MIN_REQS:
+            return 0
+        n = shared_prefix_blocks(block_tables, positions, self.block_size) * self.block_size
+        return n if n >= SHARED_PREFIX_MIN_TOKENS else 0
+
+    def _prefix_tensor(self, n: int) -> torch.Tensor | None:
+        return self._to_device(np.array([n], dtype=np.int32)) if n else None
+
+    def _logits_eager(self, hb: HostBatch, shared_prefix_len: int = 0) -> torch.Tensor:
         meta = AttentionMetadata(
             slot_mapping=self._to_device(hb.slot_mapping),
             query_start_loc=self._to_device(hb.query_start.astype(np.int32)),
             seq_lens=self._to_device(hb.seq_lens.astype(np.int32)),
             block_tables=self._to_device(hb.block_tables.astype(np.int32)),
-            max_query_len=hb.max_query_len, max_seq_len=int(hb.seq_lens.max()))
+            max_query_len=hb.max_query_len, max_seq_len=int(hb.seq_lens.max()),
+            shared_prefix_len=self._prefix_tensor(shared_prefix_len))
         hidden = self.model(self._to_device(hb.input_ids), self._to_device(hb.positions),
                             self.layer_caches, meta)
         return self.model.compute_logits(hidden[self._to_device(hb.logits_indices)])
@@ -152,13 +182,15 @@ class ModelRunner:
 
     def _forward_and_sample(self, chunks: list[ScheduledChunk]) -> RunnerOutput:
         hb = build_host_batch(chunks, self.block_size)
+        prefix = self._shared_prefix_len(hb.block_tables, hb.positions) if hb.is_decode else 0
+        self.num_shared_prefix_steps += prefix > 0
         if self.graphs is not None and hb.is_decode and len(chunks) <= self.graphs.max_batch:
             logits = self.graphs.run(self._to_device(hb.input_ids), self._to_device(hb.positions),
                                      self._to_device(hb.slot_mapping),
                                      self._to_device(hb.seq_lens.astype(np.int32)),
-                                     self._to_device(hb.block_tables.astype(np.int32)))
+                                     self._to_device(hb.block_tables.astype(np.int32)), prefix)
         else:
-            logits = self._logits_eager(hb)
+            logits = self._logits_eager(hb, prefix)
         if not hb.sample_req_ids:
             return RunnerOutput()
         result = self.sampler.sample(logits, hb.sample_req_ids)
@@ -192,14 +224,18 @@ class ModelRunner:
         ids = feed if feed is not None else self._to_device(hb.input_ids)
         req_ids = hb.sample_req_ids
         use_graphs = self.graphs is not None and num_reqs <= self.graphs.max_batch
+        prefix = self._shared_prefix_len(hb.block_tables, hb.positions)  # holds for the whole round
+        prefix_tensor = None if use_graphs else self._prefix_tensor(prefix)
+        self.num_shared_prefix_steps += num_steps if prefix else 0
         samples = []
         for step in range(num_steps):
             if use_graphs:
                 logits = self.graphs.run(ids, positions[step], slot_mapping[step], seq_lens[step],
-                                         block_tables)
+                                         block_tables, prefix)
             else:
                 meta = AttentionMetadata(slot_mapping[step], query_start, seq_lens[step], block_tables,
-                                         max_query_len=1, max_seq_len=int(pos[step].max()) + 1)
+                                         max_query_len=1, max_seq_len=int(pos[step].max()) + 1,
+                                         shared_prefix_len=prefix_tensor)
                 hidden = self.model(ids, positions[step], self.layer_caches, meta)
                 logits = self.model.compute_logits(hidden)
             sample = self.sampler.sample_on_device(logits, req_ids)

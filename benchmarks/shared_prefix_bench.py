@@ -1,0 +1,65 @@
+"""Decode attention over a prefix every request shares: plain paged attention vs the shared-prefix
+(cascade) path, and a sweep of the shared-key kernel's launch settings.
+
+Cases (bf16, block 16): W-prefix's decode batch on the Llama-3.2-1B shape (512 requests, a
+2048-token shared prefix, 64..192 tokens of their own), and the Llama-3.1-8B shape (256 requests,
+1024 shared, 256 own). Usage: python benchmarks/shared_prefix_bench.py [--json OUT]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import machine_info, write_json  # noqa: E402
+from benchmarks.kernel_bench import BS, _batch  # noqa: E402
+
+
+def shared_batch(heads: int, kv_heads: int, dim: int, num_reqs: int, prefix: int, own: list[int]):
+    ctx = [prefix + o for o in own[:num_reqs]]
+    args = list(_batch(ctx, [1] * num_reqs, heads, kv_heads, dim))
+    args[3][:, :prefix // BS] = args[3][0, :prefix // BS]
+    return args
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    from triton.testing import do_bench
+
+    from batchllm.kernels.triton_attention import paged_attention, shared_prefix_attention
+
+    cases = {"1B_512_prefix2048": (32, 8, 64, 512, 2048, [64 + (i * 37) % 129 for i in range(512)]),
+             "8B_256_prefix1024": (32, 8, 128, 256, 1024, [256] * 256)}
+    out: dict = {}
+    for name, (h, hkv, d, n, prefix, own) in cases.items():
+        b = shared_batch(h, hkv, d, n, prefix, own)
+        plen = torch.tensor([prefix], dtype=torch.int32, device="cuda")
+        want = paged_attention(*b)
+        got = shared_prefix_attention(*b[:7], plen)
+        err = (got.float() - want.float()).abs().max().item()
+        plain = do_bench(lambda: paged_attention(*b))
+        shared = do_bench(lambda: shared_prefix_attention(*b[:7], plen))
+        rows = []
+        for bm, bn, w, st, sp in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3), (None, 1, 4, 8)):
+            try:
+                t = do_bench(lambda: shared_prefix_attention(*b[:7], plen, prefix_splits=sp, tiles=(bm, bn, w, st)))
+            except Exception as exc:  # out of shared memory etc.
+                print(name, bm, bn, w, st, sp, type(exc).__name__)
+                continue
+            rows.append(dict(ms=round(t, 4), block_m=bm, block_n=bn, warps=w, stages=st, splits=sp))
+        rows.sort(key=lambda r: r["ms"])
+        out[name] = dict(plain_ms=round(plain, 4), shared_ms=round(shared, 4), speedup=round(plain / shared, 2),
+                         max_abs_err=err, best=rows[:8])
+        print(name, out[name], flush=True)
+    write_json(args.json, dict(bench="shared_prefix", **machine_info(), figures=out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Through the engine: decode batches that share a cached prefix take the shared-prefix attention
+path of the Triton backend and give the same greedy tokens as the torch backend (float32).
+
+Runs the Triton kernels through the interpreter on CPU (on CUDA when there is one), so the
+prefix threshold is lowered to keep the prompts short; the batch-size threshold stays.
+"""
+from __future__ import annotations
+
+import pytest
+
+from batchllm import LLM, SamplingParams
+from batchllm.runner import model_runner
+from tests.e2e.test_generate import VOCAB, make_prompts
+from tests.kernels.conftest import HAS_TRITON
+
+PARAMS = SamplingParams(temperature=0.0, max_tokens=5, min_tokens=5, ignore_eos=True)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("steps,async_rounds", [(1, False), (3, True)], ids=["single-step", "async-rounds"])
+def test_shared_prefix_decode_matches_torch_backend(tiny_model_dir, device, monkeypatch, steps, async_rounds):
+    monkeypatch.setattr(model_runner, "SHARED_PREFIX_MIN_TOKENS", 32)
+    prompts = make_prompts(VOCAB, [3, 9, 1, 6, 12, 4, 7, 2, 5], seed=31, shared=40)  # 9 requests
+
+    def run(backend: str, **kw) -> tuple[list[list[int]], dict]:
+        llm = LLM(str(tiny_model_dir), dtype="float32", device=device.type, attention_backend=backend,
+                  num_decode_steps=steps, async_scheduling=async_rounds, enforce_eager=True, **kw)
+        outs = llm.generate(prompts, PARAMS)
+        return [o.outputs[0].token_ids for o in outs], llm.stats()
+
+    want, _ = run("torch")
+    got, stats = run("triton")
+    assert got == want
+    assert stats["num_shared_prefix_steps"] >= 4  # every decode step after the prefill
+    if steps == 1:
+        off, stats = run("triton", cascade_attention=False)
+        assert off == want and stats["num_shared_prefix_steps"] == 0
+
+
+def test_shared_prefix_blocks_stops_at_a_difference_and_at_blocks_being_written():
+    import numpy as np
+
+    tables = np.array([[5, 6, 7, 8, 9], [5, 6, 7, 3, 2], [5, 6, 7, 8, 1]])
+    assert model_runner.shared_prefix_blocks(tables, np.array([80, 90, 70]), 16) == 3  # column 3 differs
+    # row 1's first query sits in its block 2 (position 40): that block is being written
+    assert model_runner.shared_prefix_blocks(tables, np.array([80, 40, 70]), 16) == 2
+    # rows 0 and 2 agree up to column 4; row 2's query (position 70) is in block 4
+    assert model_runner.shared_prefix_blocks(tables[[0, 2]], np.array([80, 70]), 16) == 4
+    assert model_runner.shared_prefix_blocks(tables, np.array([80, 9, 70]), 16) == 0
