@@ -38,9 +38,12 @@ def main() -> None:
         ms = do_bench(lambda: triton_attention.paged_attention(*args, max(ctx)))
         f8 = list(args)
         f8[1], f8[2] = args[1].to(torch.float8_e4m3fn), args[2].to(torch.float8_e4m3fn)
-        ms8 = do_bench(lambda: triton_attention.paged_attention(*f8, max(ctx)))
-        print(name, f"bf16 {ms:.4f} ms ({kv_bytes / ms / 1e6:.0f} GB/s)  fp8 {ms8:.4f} ms "
-              f"({kv_bytes / 2 / ms8 / 1e6:.0f} GB/s of fp8 bytes)", flush=True)
+        for k_rows in (False, True):  # keys loaded transposed, or as stored then transposed
+            triton_attention.FP8_K_ROWS = k_rows
+            ms8 = do_bench(lambda: triton_attention.paged_attention(*f8, max(ctx)))
+            print(name, f"bf16 {ms:.4f} ms ({kv_bytes / ms / 1e6:.0f} GB/s)  fp8 (FP8_K_ROWS={k_rows}) "
+                  f"{ms8:.4f} ms ({kv_bytes / 2 / ms8 / 1e6:.0f} GB/s of fp8 bytes)", flush=True)
+        triton_attention.FP8_K_ROWS = True
 
 
 if __name__ == "__main__":

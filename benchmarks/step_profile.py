@@ -9,7 +9,8 @@ workload (8B: 512 x 384 tokens; 1B: 512 x 672; 0.6B: 256 x 900), prefilled, then
   copies, other), with the device's busy time against the wall time (the gap is the GPU idle);
 - single matrix products of the shape's layers are timed at the decode batch (TFLOP/s).
 
-Usage: python benchmarks/step_profile.py [--shapes 8B 1B 0.6B] [--json OUT.json]
+Usage: python benchmarks/step_profile.py [--shapes 8B 1B 0.6B] [--prompt-len 1024]
+       [--set kv_cache_dtype=fp8] [--json OUT.json]
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import greedy, machine_info, make_llm, release  # noqa: E402
+from benchmarks.common import (THROUGHPUT_ENGINE, greedy, machine_info, make_llm, parse_sets,  # noqa: E402
+                               release)
 from benchmarks.shapes import SHAPES, write_model_dir  # noqa: E402
 
 CASES = {  # shape -> (name, decode batch, context at which decode is measured)
@@ -151,8 +153,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="*", default=list(CASES))
     ap.add_argument("--steps", nargs="*", type=int, default=[8])
+    ap.add_argument("--prompt-len", type=int, default=1024, help="prompt length of the prefill step")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="engine setting for every case (e.g. kv_cache_dtype=fp8)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    THROUGHPUT_ENGINE.update(parse_sets(args.set))
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.shapes:
@@ -160,11 +166,12 @@ def main() -> None:
             model_dir = write_model_dir(shape, Path(tmp) / key)
             r: dict = dict(shape=shape, gemm_at_decode_batch=gemm_case(shape, batch))
             r["decode"] = [decode_case(model_dir, batch, ctx, s, a) for s in args.steps for a in (False, True)]
-            r["prefill"] = prefill_case(model_dir)
+            r["prefill"] = prefill_case(model_dir, prompt_len=args.prompt_len)
             results[key] = r
             print(json.dumps(r, indent=1), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(**machine_info(), results=results), indent=2))
+        Path(args.json).write_text(json.dumps(dict(**machine_info(), engine_settings=THROUGHPUT_ENGINE,
+                                                   results=results), indent=2))
 
 
 if __name__ == "__main__":
