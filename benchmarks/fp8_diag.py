@@ -34,17 +34,14 @@ def main() -> None:
         print("  x", kf[i].item(), "torch", a[i].float().item(), "triton", b[i].float().item())
     for name, (h, hkv, d, ctx) in {"8B_512x384": (32, 8, 128, [384] * 512),
                                    "1B_512x672": (32, 8, 64, [672] * 512)}.items():
-        args, kv_bytes = decode_batch(h, hkv, d, ctx)
-        ms = do_bench(lambda: triton_attention.paged_attention(*args, max(ctx)))
-        f8 = list(args)
-        f8[1], f8[2] = args[1].to(torch.float8_e4m3fn), args[2].to(torch.float8_e4m3fn)
-        for k_rows in (False, True):  # keys loaded transposed, or as stored then transposed
-            triton_attention.FP8_K_ROWS = k_rows
+        for block_size in (16, 32, 64):
+            args, kv_bytes = decode_batch(h, hkv, d, ctx, block_size)
+            ms = do_bench(lambda: triton_attention.paged_attention(*args, max(ctx)))
+            f8 = list(args)
+            f8[1], f8[2] = args[1].to(torch.float8_e4m3fn), args[2].to(torch.float8_e4m3fn)
             ms8 = do_bench(lambda: triton_attention.paged_attention(*f8, max(ctx)))
-            print(name, f"bf16 {ms:.4f} ms ({kv_bytes / ms / 1e6:.0f} GB/s)  fp8 (FP8_K_ROWS={k_rows}) "
-                  f"{ms8:.4f} ms ({kv_bytes / 2 / ms8 / 1e6:.0f} GB/s of fp8 bytes)", flush=True)
-        triton_attention.FP8_K_ROWS = True
-
+            print(name, f"block {block_size}: bf16 {ms:.4f} ms ({kv_bytes / ms / 1e6:.0f} GB/s)  fp8 {ms8:.4f} ms "
+                  f"({kv_bytes / 2 / ms8 / 1e6:.0f} GB/s of fp8 bytes)", flush=True)
 
 if __name__ == "__main__":
     main()

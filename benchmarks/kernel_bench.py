@@ -18,13 +18,14 @@ from benchmarks.common import machine_info, write_json  # noqa: E402
 H, HKV, D, BS = 32, 8, 128, 16
 
 
-def _batch(ctx: list[int], q_lens: list[int], heads: int = H, kv_heads: int = HKV, dim: int = D):
-    """Paged-attention arguments for requests of these context and query lengths (bf16, block 16,
-    KV blocks scattered at random)."""
+def _batch(ctx: list[int], q_lens: list[int], heads: int = H, kv_heads: int = HKV, dim: int = D,
+           block_size: int = BS):
+    """Paged-attention arguments for requests of these context and query lengths (bf16, block 16
+    unless given, KV blocks scattered at random)."""
     dev = torch.device("cuda")
-    need = [(c + BS - 1) // BS for c in ctx]
+    need = [(c + block_size - 1) // block_size for c in ctx]
     nb = sum(need)
-    k_cache = torch.randn(nb, BS, kv_heads, dim, dtype=torch.bfloat16, device=dev)
+    k_cache = torch.randn(nb, block_size, kv_heads, dim, dtype=torch.bfloat16, device=dev)
     v_cache = torch.randn_like(k_cache)
     perm = torch.randperm(nb, device=dev).to(torch.int32)
     tables = torch.zeros(len(ctx), max(need), dtype=torch.int32, device=dev)

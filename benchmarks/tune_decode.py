@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import machine_info, write_json  # noqa: E402
 from benchmarks.kernel_bench import _batch  # noqa: E402
 
-def decode_batch(heads: int, kv_heads: int, dim: int, ctx: list[int]):
+def decode_batch(heads: int, kv_heads: int, dim: int, ctx: list[int], block_size: int = 16):
     """(paged_attention arguments without max_seq_len, K+V bytes read) of a decode-only batch."""
-    args = _batch(ctx, [1] * len(ctx), heads, kv_heads, dim)[:8]
+    args = _batch(ctx, [1] * len(ctx), heads, kv_heads, dim, block_size)[:8]
     return args, sum(ctx) * 2 * kv_heads * dim * 2
 
 
