@@ -39,7 +39,7 @@ MAX_SPLITS = 64
 def _attend(acc, m_i, l_i, q, q_pos, lo, end, hi, table_ptr, k_ptr, v_ptr,
             stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
             offs_d, d_ok, qk_scale, BLOCK_N: tl.constexpr, CACHE_BLOCK: tl.constexpr,
-            IEEE: tl.constexpr, MASK: tl.constexpr, K_ROWS: tl.constexpr):
+            IEEE: tl.constexpr, MASK: tl.constexpr):
     """Online-softmax update over key tiles [lo, end); MASK applies the causal and `hi` limits."""
     for start in range(lo, end, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
@@ -49,14 +49,8 @@ def _attend(acc, m_i, l_i, q, q_pos, lo, end, hi, table_ptr, k_ptr, v_ptr,
         else:
             blk = tl.load(table_ptr + offs_n // CACHE_BLOCK).to(tl.int64)
         within = offs_n % CACHE_BLOCK
-        if K_ROWS:  # load keys as stored (rows of head_dim), convert, then transpose
-            k = tl.load(k_ptr + blk[:, None] * stride_kb + within[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            k = tl.trans(k.to(q.dtype))
-        else:
-            k = tl.load(k_ptr + blk[None, :] * stride_kb + within[None, :] * stride_ks + offs_d[:, None] * stride_kd,
-                        mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-            k = k.to(q.dtype)
+        k = tl.load(k_ptr + blk[None, :] * stride_kb + within[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+                    mask=n_ok[None, :] & d_ok[:, None], other=0.0).to(q.dtype)
         if IEEE:
             s = tl.dot(q, k, input_precision="ieee")
         else:
@@ -99,7 +93,6 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CACHE_BLOCK: tl.constexpr,
     SPLIT: tl.constexpr, IEEE: tl.constexpr, KV_FP8: tl.constexpr, SHARED_PREFIX: tl.constexpr,
-    K_ROWS: tl.constexpr,
 ):
     pid0 = tl.program_id(0)
     b = tl.program_id(1)
@@ -157,11 +150,11 @@ def _paged_attention_kernel(
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, lo, full_end, hi, block_tables_ptr + b * stride_bt,
                             k_cache_ptr + kvh * stride_kh, v_cache_ptr + kvh * stride_vh,
                             stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-                            offs_d, d_ok, qk_scale, BLOCK_N, CACHE_BLOCK, IEEE, False, K_ROWS)
+                            offs_d, d_ok, qk_scale, BLOCK_N, CACHE_BLOCK, IEEE, False)
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, full_end, hi, hi, block_tables_ptr + b * stride_bt,
                             k_cache_ptr + kvh * stride_kh, v_cache_ptr + kvh * stride_vh,
                             stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-                            offs_d, d_ok, qk_scale, BLOCK_N, CACHE_BLOCK, IEEE, True, K_ROWS)
+                            offs_d, d_ok, qk_scale, BLOCK_N, CACHE_BLOCK, IEEE, True)
 
     out_offs = tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od
     if SPLIT:
@@ -213,7 +206,7 @@ def _shared_prefix_kernel(
     num_splits,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CACHE_BLOCK: tl.constexpr,
-    IEEE: tl.constexpr, KV_FP8: tl.constexpr, K_ROWS: tl.constexpr,
+    IEEE: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     """Partial attention of BLOCK_T decode tokens (x their KV head's query heads) to the keys
     [0, prefix_len) that every request shares, found through block_tables row 0; split `split`
@@ -247,25 +240,15 @@ def _shared_prefix_kernel(
     k_base, v_base = k_cache_ptr + kvh * stride_kh, v_cache_ptr + kvh * stride_vh
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, lo, full_end, hi, block_tables_ptr, k_base, v_base,
                             stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-                            offs_d, d_ok, qk_scale, BLOCK_N, CACHE_BLOCK, IEEE, False, K_ROWS)
+                            offs_d, d_ok, qk_scale, BLOCK_N, CACHE_BLOCK, IEEE, False)
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, full_end, hi, hi, block_tables_ptr, k_base, v_base,
                             stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-                            offs_d, d_ok, qk_scale, BLOCK_N, CACHE_BLOCK, IEEE, True, K_ROWS)
+                            offs_d, d_ok, qk_scale, BLOCK_N, CACHE_BLOCK, IEEE, True)
     tl.store(part_ptr + tok[:, None] * stride_pt + head[:, None] * stride_ph + split * stride_ps
              + offs_d[None, :] * stride_pd, acc, mask=row_ok[:, None] & d_ok[None, :])
     ml_offs = tok * stride_mlt + head * stride_mlh + split * stride_mls
     tl.store(ml_ptr + ml_offs, m_i, mask=row_ok)
     tl.store(ml_ptr + ml_offs + 1, l_i, mask=row_ok)
-
-
-# Keys of a float8 cache are loaded as stored (head_dim contiguous) and transposed after their
-# conversion to float16, rather than loaded transposed: a transposed 8-bit tile has no fast path
-# from shared memory into the matrix units. (A switch for benchmarks/fp8_diag.py's comparison.)
-FP8_K_ROWS = True
-
-
-def _k_rows(kv_fp8: bool) -> bool:
-    return kv_fp8 and FP8_K_ROWS
 
 
 @functools.lru_cache(maxsize=8)
@@ -340,7 +323,7 @@ def paged_attention_splits(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         GROUP=group, GROUP_P=group_p, BLOCK_Q=block_q, BLOCK_N=block_n, HEAD_DIM=head_dim,
         BLOCK_D=block_d, CACHE_BLOCK=cache_block, SPLIT=split,
         IEEE=q.dtype == torch.float32 and not kv_fp8, KV_FP8=kv_fp8, SHARED_PREFIX=False,
-        K_ROWS=_k_rows(kv_fp8), num_warps=warps, num_stages=stages)
+        num_warps=warps, num_stages=stages)
     if split:
         _merge_splits_kernel[(num_tokens, num_heads)](
             part, ml, out, num_splits, *part.stride(), *ml_strides, *out.stride(),
@@ -396,7 +379,7 @@ def shared_prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *part.stride(), *ml.stride()[:3],
         prefix_splits,
         GROUP=group, GROUP_P=group_p, BLOCK_T=block_t, BLOCK_N=block_n, HEAD_DIM=head_dim,
-        BLOCK_D=block_d, CACHE_BLOCK=cache_block, IEEE=ieee, KV_FP8=kv_fp8, K_ROWS=_k_rows(kv_fp8),
+        BLOCK_D=block_d, CACHE_BLOCK=cache_block, IEEE=ieee, KV_FP8=kv_fp8,
         num_warps=warps, num_stages=stages)
     block_q, block_n, warps, stages = _tile_sizes(q, group_p, 1, kv_fp8)
     _paged_attention_kernel[(1, num_tokens, num_kv_heads)](
@@ -405,7 +388,7 @@ def shared_prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         *ml.stride()[:3], block_tables.stride(0), 1, prefix_splits,
         GROUP=group, GROUP_P=group_p, BLOCK_Q=block_q, BLOCK_N=block_n, HEAD_DIM=head_dim,
         BLOCK_D=block_d, CACHE_BLOCK=cache_block, SPLIT=True, IEEE=ieee, KV_FP8=kv_fp8,
-        SHARED_PREFIX=True, K_ROWS=_k_rows(kv_fp8), num_warps=warps, num_stages=stages)
+        SHARED_PREFIX=True, num_warps=warps, num_stages=stages)
     _merge_splits_kernel[(num_tokens, num_heads)](
         part, ml, out, splits, *part.stride(), *ml.stride()[:3], *out.stride(),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=MAX_SPLITS)
