@@ -15,6 +15,10 @@ from batchllm.runner.kv_cache import KVCache, bytes_per_block, num_device_blocks
 from batchllm.runner.model_runner import ModelRunner, activation_bytes_estimate
 from batchllm.sampling_params import SamplingParams
 
+# Decode batches up to this size replay CUDA graphs (larger ones run eagerly); one graph per
+# captured size (runner/cuda_graphs.capture_sizes), two where shared-prefix attention is on.
+MAX_GRAPH_BATCH = 1024
+
 
 @dataclass(slots=True)
 class _Sample:
@@ -116,7 +120,7 @@ class LLMEngine:
                                   self.eos_token_id,
                                   shared_prefix=config.cascade_attention and self.backend == "triton")
         if self.device.type == "cuda" and self.backend == "triton" and not config.enforce_eager:
-            self.runner.capture_decode_graphs(min(sched.max_num_seqs, 512), self.max_model_len)
+            self.runner.capture_decode_graphs(min(sched.max_num_seqs, MAX_GRAPH_BATCH), self.max_model_len)
         if sched.num_decode_steps is None:
             sched = replace(sched, num_decode_steps=8 if self.device.type == "cuda" else 1)
         if sched.async_scheduling is None:

@@ -15,9 +15,12 @@ from batchllm.layers.attention import AttentionMetadata
 
 
 def capture_sizes(max_batch: int) -> list[int]:
-    """1, 2, 4, 8, then every 16 up to max_batch (inclusive)."""
+    """1, 2, 4, 8, every 16 up to 256, every 32 up to 512, then every 64, and max_batch itself:
+    a batch is padded by at most 16 rows below 256 and at most 1/8 of its size above."""
     sizes = [s for s in (1, 2, 4, 8) if s <= max_batch]
-    sizes += list(range(16, max_batch + 1, 16))
+    sizes += list(range(16, min(max_batch, 256) + 1, 16))
+    sizes += list(range(288, min(max_batch, 512) + 1, 32))
+    sizes += list(range(576, max_batch + 1, 64))
     if sizes[-1] != max_batch:
         sizes.append(max_batch)
     return sizes
