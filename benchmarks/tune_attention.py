@@ -1,38 +1,60 @@
-"""Sweep paged-attention tile sizes on the GPU (prefill and decode shapes of kernel_bench.py).
+"""Sweep paged-attention tile sizes on the GPU for prefill and mixed batches.
 
-Usage: python benchmarks/tune_attention.py
+Cases: the Llama-3.1-8B attention shape (32/8 heads, dim 128) with the prefill of W-8B (64
+prompts of 256) and of long prompts (4 x 2048), a mixed batch; the Llama-3.2-1B shape (32/8,
+dim 64) with a W-hf-like prefill (16 prompts of 1024). bf16 cache, or float8 with --fp8.
+
+Usage: python benchmarks/tune_attention.py [--fp8] [--json OUT]
 """
 from __future__ import annotations
 
+import argparse
 import itertools
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import machine_info, write_json  # noqa: E402
 from benchmarks.kernel_bench import _batch  # noqa: E402
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--fp8", action="store_true", help="float8 e4m3 KV cache (kv_cache_dtype=fp8)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
     from triton.testing import do_bench
 
-    from batchllm.kernels.triton_attention import paged_attention_splits
+    from batchllm.kernels.triton_attention import paged_attention, paged_attention_splits
 
-    cases = {"prefill_4x2048": _batch([2048] * 4, [2048] * 4),
-             "mixed_2x2048+200dec": _batch([2048] * 2 + [1500] * 200, [2048] * 2 + [1] * 200),
-             "decode_256x1024": _batch([1024] * 256, [1] * 256)}
-    for name, b in cases.items():
-        results = []
-        block_ms = (16, 32) if name.startswith("decode") else (64, 128)
-        for bm, bn, w, st in itertools.product(block_ms, (32, 64, 128), (4, 8), (2, 3)):
+    cases = {"8B_prefill_64x256": ((32, 8, 128), [256] * 64, [256] * 64),
+             "8B_prefill_4x2048": ((32, 8, 128), [2048] * 4, [2048] * 4),
+             "8B_mixed_2x2048+200dec": ((32, 8, 128), [2048] * 2 + [1500] * 200, [2048] * 2 + [1] * 200),
+             "1B_prefill_16x1024": ((32, 8, 64), [1024] * 16, [1024] * 16)}
+    out: dict = {}
+    for name, ((h, hkv, d), ctx, q_lens) in cases.items():
+        b = list(_batch(ctx, q_lens, h, hkv, d))
+        if args.fp8:
+            b[1], b[2] = b[1].to(torch.float8_e4m3fn), b[2].to(torch.float8_e4m3fn)
+        default = do_bench(lambda: paged_attention(*b))
+        flops = sum(4 * q * (c - q / 2) * h * d for c, q in zip(ctx, q_lens))  # causal QK and PV
+        rows = []
+        for bm, bn, w, st in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)):
             try:
                 ms = do_bench(lambda: paged_attention_splits(*b[:8], num_splits=1, tiles=(bm, bn, w, st)))
             except Exception as exc:  # out of shared memory etc.
-                ms = float("inf")
                 print(name, bm, bn, w, st, type(exc).__name__)
-            results.append((ms, bm, bn, w, st))
-        results.sort()
-        print(name, "best (ms, BLOCK_M, BLOCK_N, warps, stages):", results[:5])
+                continue
+            rows.append(dict(ms=round(ms, 4), tflops=round(flops / ms / 1e9, 1), block_m=bm, block_n=bn,
+                             warps=w, stages=st))
+        rows.sort(key=lambda r: r["ms"])
+        out[name] = dict(default_ms=round(default, 4), default_tflops=round(flops / default / 1e9, 1), best=rows[:5])
+        print(name, out[name], flush=True)
+    write_json(args.json, dict(bench="tune_attention", kv_cache_dtype="fp8" if args.fp8 else "auto",
+                               **machine_info(), figures=out))
 
 
 if __name__ == "__main__":
