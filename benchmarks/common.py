@@ -92,6 +92,24 @@ def count_output_tokens(outs: list) -> int:
     return sum(len(o.outputs[0].token_ids) for o in outs)
 
 
+def sweep(name: str, keys: tuple[str, ...], grid: dict[str, tuple], timed) -> list[dict]:
+    """Time `timed(**setting)` (ms) for every combination of `grid`'s values, fastest first; a
+    setting that cannot launch (out of shared memory etc.) is reported and skipped."""
+    import itertools
+
+    rows = []
+    for values in itertools.product(*grid.values()):
+        setting = dict(zip(grid, values))
+        try:
+            ms = timed(**setting)
+        except Exception as exc:
+            print(name, setting, type(exc).__name__)
+            continue
+        rows.append(dict(ms=round(ms, 4), **{k: setting[k] for k in keys}))
+    rows.sort(key=lambda r: r["ms"])
+    return rows
+
+
 def write_json(path: str | None, payload: dict) -> None:
     text = json.dumps(payload, indent=2)
     print(text)

@@ -8,7 +8,6 @@ Cases (bf16, block 16): W-prefix's decode batch on the Llama-3.2-1B shape (512 r
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine_info, write_json  # noqa: E402
+from benchmarks.common import machine_info, sweep, write_json  # noqa: E402
 from benchmarks.kernel_bench import BS, _batch  # noqa: E402
 
 
@@ -46,15 +45,11 @@ def main() -> None:
         err = (got.float() - want.float()).abs().max().item()
         plain = do_bench(lambda: paged_attention(*b))
         shared = do_bench(lambda: shared_prefix_attention(*b[:7], plen))
-        rows = []
-        for bm, bn, w, st, sp in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3), (None, 1, 4, 8)):
-            try:
-                t = do_bench(lambda: shared_prefix_attention(*b[:7], plen, prefix_splits=sp, tiles=(bm, bn, w, st)))
-            except Exception as exc:  # out of shared memory etc.
-                print(name, bm, bn, w, st, sp, type(exc).__name__)
-                continue
-            rows.append(dict(ms=round(t, 4), block_m=bm, block_n=bn, warps=w, stages=st, splits=sp))
-        rows.sort(key=lambda r: r["ms"])
+        rows = sweep(name, ("block_m", "block_n", "warps", "stages", "splits"),
+                     dict(block_m=(64, 128), block_n=(32, 64, 128), warps=(4, 8), stages=(2, 3),
+                          splits=(None, 1, 4, 8)),
+                     lambda block_m, block_n, warps, stages, splits: do_bench(lambda: shared_prefix_attention(
+                         *b[:7], plen, prefix_splits=splits, tiles=(block_m, block_n, warps, stages))))
         out[name] = dict(plain_ms=round(plain, 4), shared_ms=round(shared, 4), speedup=round(plain / shared, 2),
                          max_abs_err=err, best=rows[:8])
         print(name, out[name], flush=True)

@@ -9,7 +9,6 @@ Usage: python benchmarks/tune_attention.py [--fp8] [--json OUT]
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine_info, write_json  # noqa: E402
+from benchmarks.common import machine_info, sweep, write_json  # noqa: E402
 from benchmarks.kernel_bench import _batch  # noqa: E402
 
 
@@ -41,16 +40,12 @@ def main() -> None:
             b[1], b[2] = b[1].to(torch.float8_e4m3fn), b[2].to(torch.float8_e4m3fn)
         default = do_bench(lambda: paged_attention(*b))
         flops = sum(4 * q * (c - q / 2) * h * d for c, q in zip(ctx, q_lens))  # causal QK and PV
-        rows = []
-        for bm, bn, w, st in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)):
-            try:
-                ms = do_bench(lambda: paged_attention_splits(*b[:8], num_splits=1, tiles=(bm, bn, w, st)))
-            except Exception as exc:  # out of shared memory etc.
-                print(name, bm, bn, w, st, type(exc).__name__)
-                continue
-            rows.append(dict(ms=round(ms, 4), tflops=round(flops / ms / 1e9, 1), block_m=bm, block_n=bn,
-                             warps=w, stages=st))
-        rows.sort(key=lambda r: r["ms"])
+        rows = sweep(name, ("block_m", "block_n", "warps", "stages"),
+                     dict(block_m=(64, 128), block_n=(32, 64, 128), warps=(4, 8), stages=(2, 3)),
+                     lambda block_m, block_n, warps, stages: do_bench(lambda: paged_attention_splits(
+                         *b[:8], num_splits=1, tiles=(block_m, block_n, warps, stages))))
+        for r in rows:
+            r["tflops"] = round(flops / r["ms"] / 1e9, 1)
         out[name] = dict(default_ms=round(default, 4), default_tflops=round(flops / default / 1e9, 1), best=rows[:5])
         print(name, out[name], flush=True)
     write_json(args.json, dict(bench="tune_attention", kv_cache_dtype="fp8" if args.fp8 else "auto",

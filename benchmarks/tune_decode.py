@@ -10,7 +10,6 @@ Usage: python benchmarks/tune_decode.py [--json OUT]
 from __future__ import annotations
 
 import argparse
-import itertools
 import random
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine_info, write_json  # noqa: E402
+from benchmarks.common import machine_info, sweep, write_json  # noqa: E402
 from benchmarks.kernel_bench import _batch  # noqa: E402
 
 def decode_batch(heads: int, kv_heads: int, dim: int, ctx: list[int], block_size: int = 16):
@@ -48,17 +47,12 @@ def main() -> None:
             b = (b[0], b[1].to(torch.float8_e4m3fn), b[2].to(torch.float8_e4m3fn), *b[3:])
             kv_bytes //= 2
         ms = do_bench(lambda: paged_attention(*b, max(ctx)))
-        rows = []
         block_ns = (32, 64, 128) + ((256,) if args.fp8 else ())
-        for bn, w, st, sp in itertools.product(block_ns, (4, 8), (2, 3, 4), (1,)):
-            try:
-                t = do_bench(lambda: paged_attention_splits(*b, num_splits=sp, tiles=(16, bn, w, st)))
-            except Exception as exc:  # out of shared memory etc.
-                print(name, bn, w, st, sp, type(exc).__name__)
-                continue
-            rows.append(dict(ms=round(t, 4), GBps=round(kv_bytes / t / 1e6, 1), block_n=bn, warps=w,
-                             stages=st, splits=sp))
-        rows.sort(key=lambda r: r["ms"])
+        rows = sweep(name, ("block_n", "warps", "stages"), dict(block_n=block_ns, warps=(4, 8), stages=(2, 3, 4)),
+                     lambda block_n, warps, stages: do_bench(lambda: paged_attention_splits(
+                         *b, num_splits=1, tiles=(16, block_n, warps, stages))))
+        for r in rows:
+            r["GBps"] = round(kv_bytes / r["ms"] / 1e6, 1)
         out[name] = dict(default_ms=round(ms, 4), default_GBps=round(kv_bytes / ms / 1e6, 1), best=rows[:8])
         print(name, out[name], flush=True)
     write_json(args.json, dict(bench="tune_decode", kv_cache_dtype="fp8" if args.fp8 else "auto",
