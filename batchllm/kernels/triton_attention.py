@@ -344,12 +344,15 @@ _PREFIX_BLOCK_M = 128  # (token, query head) rows per program of _shared_prefix_
 def shared_prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, seq_lens: torch.Tensor,
                             query_start_loc: torch.Tensor, scale: float, shared_prefix_len: torch.Tensor,
-                            prefix_splits: int | None = None,
+                            max_seq_len: int | None = None, prefix_splits: int | None = None,
+                            own_splits: int | None = None,
                             tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """Decode-only attention where the first shared_prefix_len keys ([1] int32 on the device, a
     multiple of the cache block size, below every request's context length) sit in the same
     blocks for every request: block_tables[b, :P] == block_tables[0, :P]. Same result as
     paged_attention; the shared keys are read once per KV head instead of once per request.
+    Each request's own keys are split as paged_attention would split its whole context for a
+    batch this small (max_seq_len steers that, as there); prefix_splits / own_splits override.
     tiles: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the shared-key kernel (for tuning)."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, cache_block = k_cache.shape[2], k_cache.shape[1]
@@ -364,10 +367,13 @@ def shared_prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if block_tables.stride(-1) != 1:
         block_tables = block_tables.contiguous()
     on_gpu = q.device.type == "cuda"
+    num_sms = _num_sms(q.device.index or 0) if on_gpu else 2
     if prefix_splits is None:
-        prefix_splits = choose_prefix_splits(num_tokens, num_kv_heads, group_p,
-                                             _num_sms(q.device.index or 0) if on_gpu else 2)
-    splits = prefix_splits + 1  # the last one: each request's own keys
+        prefix_splits = choose_prefix_splits(num_tokens, num_kv_heads, group_p, num_sms)
+    if own_splits is None:
+        own_splits = choose_num_splits(num_tokens, num_kv_heads, 1, max_seq_len or 0, num_sms)
+    own_splits = min(own_splits, MAX_SPLITS - prefix_splits)
+    splits = prefix_splits + own_splits  # partials: the shared keys', then each request's own
     part = torch.empty(num_tokens, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
     ml = torch.empty(num_tokens, num_heads, splits, 2, dtype=torch.float32, device=q.device)
     block_m, block_n, warps, stages = (_PREFIX_BLOCK_M, 64, 8, 2) if on_gpu else (max(16, group_p), 16, 4, 1)
@@ -382,10 +388,10 @@ def shared_prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         BLOCK_D=block_d, CACHE_BLOCK=cache_block, IEEE=ieee, KV_FP8=kv_fp8,
         num_warps=warps, num_stages=stages)
     block_q, block_n, warps, stages = _tile_sizes(q, group_p, 1, kv_fp8)
-    _paged_attention_kernel[(1, num_tokens, num_kv_heads)](
+    _paged_attention_kernel[(own_splits, num_tokens, num_kv_heads)](
         q, k_cache, v_cache, part, ml, block_tables, seq_lens, query_start_loc, shared_prefix_len,
         float(scale), *q.stride(), *k_cache.stride(), *v_cache.stride(), *part.stride(),
-        *ml.stride()[:3], block_tables.stride(0), 1, prefix_splits,
+        *ml.stride()[:3], block_tables.stride(0), own_splits, prefix_splits,
         GROUP=group, GROUP_P=group_p, BLOCK_Q=block_q, BLOCK_N=block_n, HEAD_DIM=head_dim,
         BLOCK_D=block_d, CACHE_BLOCK=cache_block, SPLIT=True, IEEE=ieee, KV_FP8=kv_fp8,
         SHARED_PREFIX=True, num_warps=warps, num_stages=stages)
@@ -408,7 +414,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """
     if shared_prefix_len is not None and max_query_len == 1:
         return shared_prefix_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                                       scale, shared_prefix_len)
+                                       scale, shared_prefix_len, max_seq_len)
     num_splits = 1
     if q.device.type == "cuda":
         num_splits = choose_num_splits(seq_lens.shape[0], k_cache.shape[2], max_query_len, max_seq_len,

@@ -34,8 +34,9 @@ def _run(triton_attention, b, device, prefix_len: int, **kw):
 
 
 @pytest.mark.parametrize("group", [1, 3, 4])
-@pytest.mark.parametrize("prefix_splits", [1, 3])
-def test_shared_prefix_matches_plain_attention(triton_kernels, poison_empty, device, group, prefix_splits):
+@pytest.mark.parametrize("prefix_splits,own_splits", [(1, 1), (3, 1), (2, 3)])
+def test_shared_prefix_matches_plain_attention(triton_kernels, poison_empty, device, group, prefix_splits,
+                                               own_splits):
     from batchllm.kernels import triton_attention
 
     p = 3  # shared blocks; contexts end just after the prefix, at a block edge and well past it
@@ -43,7 +44,7 @@ def test_shared_prefix_matches_plain_attention(triton_kernels, poison_empty, dev
     b = _shared_batch(ctx, p, group=group, seed=group * 10 + prefix_splits)
     expected = reference.paged_attention(*b.args())
     with poison_empty():
-        got = _run(triton_attention, b, device, p * BLOCK, prefix_splits=prefix_splits)
+        got = _run(triton_attention, b, device, p * BLOCK, prefix_splits=prefix_splits, own_splits=own_splits)
     assert not got.isnan().any(), "some rows were never written or read NaN slots"
     torch.testing.assert_close(got.float().cpu(), expected.float(), **TOL)
 
