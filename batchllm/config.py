@@ -114,7 +114,8 @@ class EngineConfig:
     # Decode batches whose requests all start with the same cached blocks (a shared system prompt
     # or few-shot preamble, the n samples of one prompt) read those keys once per step for the
     # whole batch instead of once per request (Triton backend; used when the shared part is at
-    # least 256 tokens and the batch has 8 or more requests). Outputs equal within rounding.
+    # least 256 tokens, the batch has 8 or more requests and sharing at least halves the keys the
+    # batch reads). Outputs equal within rounding.
     cascade_attention: bool = True
 
     def __post_init__(self) -> None:

@@ -58,7 +58,9 @@ def build_host_batch(chunks: list[ScheduledChunk], block_size: int) -> HostBatch
 
 
 # A shared prefix is read once per step for the whole batch (cascade attention) only when that
-# saves much: below these sizes the extra partial results and merge cost about what they save.
+# saves much: below these sizes, or when it would not at least halve the keys the batch reads,
+# the extra partial results and merge cost about what they save (benchmarks/shared_prefix_bench.py:
+# 8 requests of 2048 shared + 8192 own keys run 9% slower that way).
 SHARED_PREFIX_MIN_TOKENS = 256
 SHARED_PREFIX_MIN_REQS = 8
 
@@ -71,6 +73,18 @@ def shared_prefix_blocks(block_tables: np.ndarray, positions: np.ndarray, block_
     head = block_tables[:, :cap]
     differs = (head != head[:1]).any(axis=0)
     return int(differs.argmax()) if differs.any() else cap
+
+
+def shared_prefix_tokens(block_tables: np.ndarray, positions: np.ndarray, block_size: int) -> int:
+    """How many leading keys a decode batch should read once for all its requests (0: read
+    every request's keys per request): its shared blocks, when the batch and the shared part are
+    large enough and sharing at least halves the keys read."""
+    num_reqs = len(block_tables)
+    if num_reqs < SHARED_PREFIX_MIN_REQS:
+        return 0
+    n = shared_prefix_blocks(block_tables, positions, block_size) * block_size
+    own = int(positions.sum()) - num_reqs * n  # keys after the shared part, summed (about)
+    return n if n >= SHARED_PREFIX_MIN_TOKENS and (num_reqs - 1) * n >= own else 0
 
 
 class ModelRunner:
@@ -105,11 +119,9 @@ class ModelRunner:
         return t.to(self.device, non_blocking=True)
 
     def _shared_prefix_len(self, block_tables: np.ndarray, positions: np.ndarray) -> int:
-        """Keys a decode batch may read once for all its requests (0: read them per request)."""
-        if not self.shared_prefix or len(block_tables) < SHARED_PREFIX_MIN_REQS:
+        if not self.shared_prefix:
             return 0
-        n = shared_prefix_blocks(block_tables, positions, self.block_size) * self.block_size
-        return n if n >= SHARED_PREFIX_MIN_TOKENS else 0
+        return shared_prefix_tokens(block_tables, positions, self.block_size)
 
     def _prefix_tensor(self, n: int) -> torch.Tensor | None:
         return self._to_device(np.array([n], dtype=np.int32)) if n else None

@@ -47,3 +47,18 @@ def test_shared_prefix_blocks_stops_at_a_difference_and_at_blocks_being_written(
     # rows 0 and 2 agree up to column 4; row 2's query (position 70) is in block 4
     assert model_runner.shared_prefix_blocks(tables[[0, 2]], np.array([80, 70]), 16) == 4
     assert model_runner.shared_prefix_blocks(tables, np.array([80, 9, 70]), 16) == 0
+
+
+def test_shared_prefix_tokens_only_where_sharing_halves_the_keys_read(monkeypatch):
+    import numpy as np
+
+    monkeypatch.setattr(model_runner, "SHARED_PREFIX_MIN_TOKENS", 32)
+    tables = np.tile(np.arange(40), (8, 1))
+    tables[:, 4:] += 100 * np.arange(8)[:, None]  # 4 shared blocks = 64 keys, then each its own
+    few_own = np.full(8, 64 + 20)  # 20 own keys each: sharing saves 7 x 64, far more than 8 x 20
+    assert model_runner.shared_prefix_tokens(tables, few_own, 16) == 64
+    many_own = np.full(8, 64 + 600)  # 8 x 600 own keys: sharing would save under half
+    assert model_runner.shared_prefix_tokens(tables, many_own, 16) == 0
+    assert model_runner.shared_prefix_tokens(tables[:7], few_own[:7], 16) == 0  # too few requests
+    monkeypatch.setattr(model_runner, "SHARED_PREFIX_MIN_TOKENS", 256)
+    assert model_runner.shared_prefix_tokens(tables, few_own, 16) == 0  # prefix too short
