@@ -194,7 +194,7 @@ def _merge_splits_kernel(
              out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
-@triton.jit(do_not_specialize=["num_tokens"] + _VARYING)
+@triton.jit(do_not_specialize=["num_tokens", "num_splits", "stride_mlt", "stride_mlh", "stride_mls"])
 def _shared_prefix_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, part_ptr, ml_ptr, block_tables_ptr, prefix_len_ptr, num_tokens,
     scale,
@@ -331,14 +331,14 @@ def paged_attention_splits(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out
 
 
+_PREFIX_BLOCK_M = 128  # (token, query head) rows per program of _shared_prefix_kernel on the GPU
+
+
 def choose_prefix_splits(num_tokens: int, num_kv_heads: int, group_p: int, num_sms: int) -> int:
     """Splits along the shared keys: enough programs for about two waves over the SMs. Fixed by
     the batch's shape alone (not the prefix length), so a CUDA graph can hold it."""
     tiles = triton.cdiv(num_tokens * group_p, _PREFIX_BLOCK_M) * num_kv_heads
     return max(1, min(triton.cdiv(2 * num_sms, tiles), MAX_SPLITS // 4))
-
-
-_PREFIX_BLOCK_M = 128  # (token, query head) rows per program of _shared_prefix_kernel on the GPU
 
 
 def shared_prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
