@@ -62,3 +62,23 @@ def test_shared_prefix_tokens_only_where_sharing_halves_the_keys_read(monkeypatc
     assert model_runner.shared_prefix_tokens(tables[:7], few_own[:7], 16) == 0  # too few requests
     monkeypatch.setattr(model_runner, "SHARED_PREFIX_MIN_TOKENS", 256)
     assert model_runner.shared_prefix_tokens(tables, few_own, 16) == 0  # prefix too short
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_samples_of_one_prompt_share_its_blocks(tiny_model_dir, device, monkeypatch):
+    """n samples of one prompt fork its blocks (the partial last one copied on write): their
+    decode batch reads the shared blocks once and gives the torch backend's greedy tokens."""
+    monkeypatch.setattr(model_runner, "SHARED_PREFIX_MIN_TOKENS", 32)
+    prompt = make_prompts(VOCAB, [45], seed=33)[0]  # 2 full blocks + a partial one
+    params = SamplingParams(n=9, temperature=0.0, max_tokens=4, min_tokens=4, ignore_eos=True)
+
+    def run(backend: str):
+        llm = LLM(str(tiny_model_dir), dtype="float32", device=device.type, attention_backend=backend,
+                  enforce_eager=True)
+        out = llm.generate([prompt], params)[0]
+        return [c.token_ids for c in out.outputs], llm.stats()
+
+    want, _ = run("torch")
+    got, stats = run("triton")
+    assert got == want and len(got) == 9
+    assert stats["num_shared_prefix_steps"] >= 3
