@@ -11,20 +11,23 @@ import pytest
 from batchllm import LLM, SamplingParams
 from batchllm.runner import model_runner
 from tests.e2e.test_generate import VOCAB, make_prompts
-from tests.kernels.conftest import HAS_TRITON
+from tests.kernels.conftest import HAS_TRITON, ON_GPU
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=5, min_tokens=5, ignore_eos=True)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-@pytest.mark.parametrize("steps,async_rounds", [(1, False), (3, True)], ids=["single-step", "async-rounds"])
-def test_shared_prefix_decode_matches_torch_backend(tiny_model_dir, device, monkeypatch, steps, async_rounds):
+@pytest.mark.parametrize("steps,async_rounds,eager", [(1, False, True), (3, True, True)]
+                         + ([(3, True, False)] if ON_GPU else []),  # CUDA graphs of both variants
+                         ids=["single-step", "async-rounds"] + (["async-rounds-graphs"] if ON_GPU else []))
+def test_shared_prefix_decode_matches_torch_backend(tiny_model_dir, device, monkeypatch, steps, async_rounds,
+                                                    eager):
     monkeypatch.setattr(model_runner, "SHARED_PREFIX_MIN_TOKENS", 32)
     prompts = make_prompts(VOCAB, [3, 9, 1, 6, 12, 4, 7, 2, 5], seed=31, shared=40)  # 9 requests
 
     def run(backend: str, **kw) -> tuple[list[list[int]], dict]:
         llm = LLM(str(tiny_model_dir), dtype="float32", device=device.type, attention_backend=backend,
-                  num_decode_steps=steps, async_scheduling=async_rounds, enforce_eager=True, **kw)
+                  num_decode_steps=steps, async_scheduling=async_rounds, enforce_eager=eager, **kw)
         outs = llm.generate(prompts, PARAMS)
         return [o.outputs[0].token_ids for o in outs], llm.stats()
 
