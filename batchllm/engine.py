@@ -265,13 +265,12 @@ class LLMEngine:
                     sample.logprobs.append(lps[j])
                 if tops is not None:
                     sample.top_logprobs.append(tops[j])
-                if sample.detok is not None:
-                    sample.text += sample.detok.append([tokens[j]])
-                    if req.sampling_params.stop and self._check_stop(sample):
-                        sample.keep = sample.num_seen
-                        if not req.is_finished:
-                            stopped.append(req)
-                        break
+                sample.text += sample.detok.append([tokens[j]])
+                if req.sampling_params.stop and self._check_stop(sample):
+                    sample.keep = sample.num_seen
+                    if not req.is_finished:
+                        stopped.append(req)
+                    break
         if stopped:
             self.scheduler.finish_requests([r.request_id for r in stopped],
                                            RequestStatus.FINISHED_STOPPED)
