@@ -92,9 +92,10 @@ def _attend_keys(q, q_pos, lo, full_end, hi, table_ptr, k_ptr, v_ptr,
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, lo, full_end, hi, table_ptr, k_ptr, v_ptr,
                             stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
                             offs_d, d_ok, qk_scale, BLOCK_N, CACHE_BLOCK, IEEE, False)
-    return _attend(acc, m_i, l_i, q, q_pos, full_end, hi, hi, table_ptr, k_ptr, v_ptr,
-                   stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-                   offs_d, d_ok, qk_scale, BLOCK_N, CACHE_BLOCK, IEEE, True)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, full_end, hi, hi, table_ptr, k_ptr, v_ptr,
+                            stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
+                            offs_d, d_ok, qk_scale, BLOCK_N, CACHE_BLOCK, IEEE, True)
+    return acc, m_i, l_i
 
 
 @triton.jit
