@@ -73,42 +73,6 @@ def _attend(acc, m_i, l_i, q, q_pos, lo, end, hi, table_ptr, k_ptr, v_ptr,
     return acc, m_i, l_i
 
 
-@triton.jit
-def _attend_keys(q, q_pos, lo, full_end, hi, table_ptr, k_ptr, v_ptr,
-                 stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-                 offs_d, d_ok, scale, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                 CACHE_BLOCK: tl.constexpr, IEEE: tl.constexpr, KV_FP8: tl.constexpr):
-    """Unnormalized attention (acc, max, sum) of the rows of q to keys [lo, hi): the tiles before
-    full_end unmasked, the rest with the causal (q_pos) and `hi` limits."""
-    qk_scale = scale * 1.4426950408889634  # log2(e)
-    if KV_FP8:
-        # float8 K/V convert to float16 in one instruction per pair (bf16 takes several): compute
-        # in float16, with q pre-scaled into the log2 domain (smaller, so it stays in range)
-        q = (q.to(tl.float32) * qk_scale).to(tl.float16)
-        qk_scale = 1.0
-    m_i = tl.full([BLOCK_M], _MASKED, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, lo, full_end, hi, table_ptr, k_ptr, v_ptr,
-                            stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-                            offs_d, d_ok, qk_scale, BLOCK_N, CACHE_BLOCK, IEEE, False)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, full_end, hi, hi, table_ptr, k_ptr, v_ptr,
-                            stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-                            offs_d, d_ok, qk_scale, BLOCK_N, CACHE_BLOCK, IEEE, True)
-    return acc, m_i, l_i
-
-
-@triton.jit
-def _store_partial(part_ptr, ml_ptr, tok, head, split, acc, m_i, l_i, row_ok, offs_d, d_ok,
-                   stride_pt, stride_ph, stride_ps, stride_pd, stride_mlt, stride_mlh, stride_mls):
-    """One split's unnormalized result and its (max, sum) per row, for _merge_splits_kernel."""
-    tl.store(part_ptr + tok[:, None] * stride_pt + head[:, None] * stride_ph + split * stride_ps
-             + offs_d[None, :] * stride_pd, acc, mask=row_ok[:, None] & d_ok[None, :])
-    ml_offs = tok * stride_mlt + head * stride_mlh + split * stride_mls
-    tl.store(ml_ptr + ml_offs, m_i, mask=row_ok)
-    tl.store(ml_ptr + ml_offs + 1, l_i, mask=row_ok)
-
-
 # Arguments that change from step to step (block-table width, split count, the (max, sum)
 # strides that follow from it) are not specialized on: Triton would otherwise compile another
 # variant whenever one of them turns divisible by 16 — in the middle of a run.
@@ -170,21 +134,37 @@ def _paged_attention_kernel(
         lo = lo + split * per_split
         hi = tl.minimum(hi, lo + per_split)
 
+    qk_scale = scale * 1.4426950408889634  # log2(e)
+    if KV_FP8:
+        # float8 K/V convert to float16 in one instruction per pair (bf16 takes several): compute
+        # in float16, with q pre-scaled into the log2 domain (smaller, so it stays in range)
+        q = (q.to(tl.float32) * qk_scale).to(tl.float16)
+        qk_scale = 1.0
+    m_i = tl.full([BLOCK_M], _MASKED, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     # Key tiles wholly at or before the tile's first query position need no mask; the rest
     # (the causal diagonal and the context's ragged end) do.
     diag = ctx - q_len + tile * BLOCK_Q + 1
     full_end = lo + tl.maximum(tl.minimum(hi, diag) - lo, 0) // BLOCK_N * BLOCK_N
-    acc, m_i, l_i = _attend_keys(q, q_pos, lo, full_end, hi, block_tables_ptr + b * stride_bt,
-                                 k_cache_ptr + kvh * stride_kh, v_cache_ptr + kvh * stride_vh,
-                                 stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-                                 offs_d, d_ok, scale, BLOCK_M, BLOCK_D, BLOCK_N, CACHE_BLOCK, IEEE, KV_FP8)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, lo, full_end, hi, block_tables_ptr + b * stride_bt,
+                            k_cache_ptr + kvh * stride_kh, v_cache_ptr + kvh * stride_vh,
+                            stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
+                            offs_d, d_ok, qk_scale, BLOCK_N, CACHE_BLOCK, IEEE, False)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, full_end, hi, hi, block_tables_ptr + b * stride_bt,
+                            k_cache_ptr + kvh * stride_kh, v_cache_ptr + kvh * stride_vh,
+                            stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
+                            offs_d, d_ok, qk_scale, BLOCK_N, CACHE_BLOCK, IEEE, True)
 
+    out_offs = tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od
     if SPLIT:
-        _store_partial(out_ptr, ml_ptr, tok, head, split + split_base, acc, m_i, l_i, row_ok, offs_d, d_ok,
-                       stride_ot, stride_oh, stride_os, stride_od, stride_mlt, stride_mlh, stride_mls)
+        split += split_base
+        tl.store(out_ptr + out_offs + split * stride_os, acc, mask=row_ok[:, None] & d_ok[None, :])
+        ml_offs = tok * stride_mlt + head * stride_mlh + split * stride_mls
+        tl.store(ml_ptr + ml_offs, m_i, mask=row_ok)
+        tl.store(ml_ptr + ml_offs + 1, l_i, mask=row_ok)
     else:
         out = acc / l_i[:, None]
-        out_offs = tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od
         tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
@@ -248,14 +228,27 @@ def _shared_prefix_kernel(
     per_split = tl.cdiv(tl.cdiv(prefix, num_splits), BLOCK_N) * BLOCK_N
     lo = split * per_split
     hi = tl.minimum(prefix, lo + per_split)
+    qk_scale = scale * 1.4426950408889634  # log2(e)
+    if KV_FP8:  # as in _paged_attention_kernel
+        q = (q.to(tl.float32) * qk_scale).to(tl.float16)
+        qk_scale = 1.0
+    m_i = tl.full([BLOCK_M], _MASKED, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     q_pos = tl.zeros([BLOCK_M], dtype=tl.int32) + hi  # every query comes after every shared key
     full_end = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
-    acc, m_i, l_i = _attend_keys(q, q_pos, lo, full_end, hi, block_tables_ptr,
-                                 k_cache_ptr + kvh * stride_kh, v_cache_ptr + kvh * stride_vh,
-                                 stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-                                 offs_d, d_ok, scale, BLOCK_M, BLOCK_D, BLOCK_N, CACHE_BLOCK, IEEE, KV_FP8)
-    _store_partial(part_ptr, ml_ptr, tok, head, split, acc, m_i, l_i, row_ok, offs_d, d_ok,
-                   stride_pt, stride_ph, stride_ps, stride_pd, stride_mlt, stride_mlh, stride_mls)
+    k_base, v_base = k_cache_ptr + kvh * stride_kh, v_cache_ptr + kvh * stride_vh
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, lo, full_end, hi, block_tables_ptr, k_base, v_base,
+                            stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
+                            offs_d, d_ok, qk_scale, BLOCK_N, CACHE_BLOCK, IEEE, False)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, full_end, hi, hi, block_tables_ptr, k_base, v_base,
+                            stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
+                            offs_d, d_ok, qk_scale, BLOCK_N, CACHE_BLOCK, IEEE, True)
+    tl.store(part_ptr + tok[:, None] * stride_pt + head[:, None] * stride_ph + split * stride_ps
+             + offs_d[None, :] * stride_pd, acc, mask=row_ok[:, None] & d_ok[None, :])
+    ml_offs = tok * stride_mlt + head * stride_mlh + split * stride_mls
+    tl.store(ml_ptr + ml_offs, m_i, mask=row_ok)
+    tl.store(ml_ptr + ml_offs + 1, l_i, mask=row_ok)
 
 
 @functools.lru_cache(maxsize=8)
