@@ -33,6 +33,11 @@ import triton.language as tl
 _MASKED = tl.constexpr(-1.0e30)  # finite, so a row whose tile is fully masked never produces inf - inf
 MIN_SPLIT_TOKENS = 256  # a split shorter than this costs more in the merge than it saves
 MAX_SPLITS = 64
+HEADS_FAST = False  # launch order: the KV heads of one request next to each other (see _grid)
+
+
+def _grid(grid0: int, num_seqs: int, num_kv_heads: int) -> tuple[int, int, int]:
+    return (num_kv_heads, grid0, num_seqs) if HEADS_FAST else (grid0, num_seqs, num_kv_heads)
 
 
 @triton.jit
@@ -73,6 +78,42 @@ def _attend(acc, m_i, l_i, q, q_pos, lo, end, hi, table_ptr, k_ptr, v_ptr,
     return acc, m_i, l_i
 
 
+@triton.jit
+def _attend_keys(q, q_pos, lo, full_end, hi, table_ptr, k_ptr, v_ptr,
+                 stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
+                 offs_d, d_ok, scale, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                 CACHE_BLOCK: tl.constexpr, IEEE: tl.constexpr, KV_FP8: tl.constexpr):
+    """Unnormalized attention (acc, max, sum) of the rows of q to keys [lo, hi): the tiles before
+    full_end unmasked, the rest with the causal (q_pos) and `hi` limits."""
+    qk_scale = scale * 1.4426950408889634  # log2(e)
+    if KV_FP8:
+        # float8 K/V convert to float16 in one instruction per pair (bf16 takes several): compute
+        # in float16, with q pre-scaled into the log2 domain (smaller, so it stays in range)
+        q = (q.to(tl.float32) * qk_scale).to(tl.float16)
+        qk_scale = 1.0
+    m_i = tl.full([BLOCK_M], _MASKED, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, lo, full_end, hi, table_ptr, k_ptr, v_ptr,
+                            stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
+                            offs_d, d_ok, qk_scale, BLOCK_N, CACHE_BLOCK, IEEE, False)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, full_end, hi, hi, table_ptr, k_ptr, v_ptr,
+                            stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
+                            offs_d, d_ok, qk_scale, BLOCK_N, CACHE_BLOCK, IEEE, True)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _store_partial(part_ptr, ml_ptr, tok, head, split, acc, m_i, l_i, row_ok, offs_d, d_ok,
+                   stride_pt, stride_ph, stride_ps, stride_pd, stride_mlt, stride_mlh, stride_mls):
+    """One split's unnormalized result and its (max, sum) per row, for _merge_splits_kernel."""
+    tl.store(part_ptr + tok[:, None] * stride_pt + head[:, None] * stride_ph + split * stride_ps
+             + offs_d[None, :] * stride_pd, acc, mask=row_ok[:, None] & d_ok[None, :])
+    ml_offs = tok * stride_mlt + head * stride_mlh + split * stride_mls
+    tl.store(ml_ptr + ml_offs, m_i, mask=row_ok)
+    tl.store(ml_ptr + ml_offs + 1, l_i, mask=row_ok)
+
+
 # Arguments that change from step to step (block-table width, split count, the (max, sum)
 # strides that follow from it) are not specialized on: Triton would otherwise compile another
 # variant whenever one of them turns divisible by 16 — in the middle of a run.
@@ -93,10 +134,16 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CACHE_BLOCK: tl.constexpr,
     SPLIT: tl.constexpr, IEEE: tl.constexpr, KV_FP8: tl.constexpr, SHARED_PREFIX: tl.constexpr,
+    HEADS_FAST: tl.constexpr,
 ):
-    pid0 = tl.program_id(0)
-    b = tl.program_id(1)
-    kvh = tl.program_id(2)
+    if HEADS_FAST:  # grid (kv heads, tiles or splits, requests)
+        kvh = tl.program_id(0)
+        pid0 = tl.program_id(1)
+        b = tl.program_id(2)
+    else:  # grid (tiles or splits, requests, kv heads)
+        pid0 = tl.program_id(0)
+        b = tl.program_id(1)
+        kvh = tl.program_id(2)
     q_start = tl.load(query_start_loc_ptr + b)
     q_len = tl.load(query_start_loc_ptr + b + 1) - q_start
     ctx = tl.load(seq_lens_ptr + b)
@@ -134,37 +181,21 @@ def _paged_attention_kernel(
         lo = lo + split * per_split
         hi = tl.minimum(hi, lo + per_split)
 
-    qk_scale = scale * 1.4426950408889634  # log2(e)
-    if KV_FP8:
-        # float8 K/V convert to float16 in one instruction per pair (bf16 takes several): compute
-        # in float16, with q pre-scaled into the log2 domain (smaller, so it stays in range)
-        q = (q.to(tl.float32) * qk_scale).to(tl.float16)
-        qk_scale = 1.0
-    m_i = tl.full([BLOCK_M], _MASKED, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     # Key tiles wholly at or before the tile's first query position need no mask; the rest
     # (the causal diagonal and the context's ragged end) do.
     diag = ctx - q_len + tile * BLOCK_Q + 1
     full_end = lo + tl.maximum(tl.minimum(hi, diag) - lo, 0) // BLOCK_N * BLOCK_N
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, lo, full_end, hi, block_tables_ptr + b * stride_bt,
-                            k_cache_ptr + kvh * stride_kh, v_cache_ptr + kvh * stride_vh,
-                            stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-                            offs_d, d_ok, qk_scale, BLOCK_N, CACHE_BLOCK, IEEE, False)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, full_end, hi, hi, block_tables_ptr + b * stride_bt,
-                            k_cache_ptr + kvh * stride_kh, v_cache_ptr + kvh * stride_vh,
-                            stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-                            offs_d, d_ok, qk_scale, BLOCK_N, CACHE_BLOCK, IEEE, True)
+    acc, m_i, l_i = _attend_keys(q, q_pos, lo, full_end, hi, block_tables_ptr + b * stride_bt,
+                                 k_cache_ptr + kvh * stride_kh, v_cache_ptr + kvh * stride_vh,
+                                 stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
+                                 offs_d, d_ok, scale, BLOCK_M, BLOCK_D, BLOCK_N, CACHE_BLOCK, IEEE, KV_FP8)
 
-    out_offs = tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od
     if SPLIT:
-        split += split_base
-        tl.store(out_ptr + out_offs + split * stride_os, acc, mask=row_ok[:, None] & d_ok[None, :])
-        ml_offs = tok * stride_mlt + head * stride_mlh + split * stride_mls
-        tl.store(ml_ptr + ml_offs, m_i, mask=row_ok)
-        tl.store(ml_ptr + ml_offs + 1, l_i, mask=row_ok)
+        _store_partial(out_ptr, ml_ptr, tok, head, split + split_base, acc, m_i, l_i, row_ok, offs_d, d_ok,
+                       stride_ot, stride_oh, stride_os, stride_od, stride_mlt, stride_mlh, stride_mls)
     else:
         out = acc / l_i[:, None]
+        out_offs = tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od
         tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
@@ -228,27 +259,14 @@ def _shared_prefix_kernel(
     per_split = tl.cdiv(tl.cdiv(prefix, num_splits), BLOCK_N) * BLOCK_N
     lo = split * per_split
     hi = tl.minimum(prefix, lo + per_split)
-    qk_scale = scale * 1.4426950408889634  # log2(e)
-    if KV_FP8:  # as in _paged_attention_kernel
-        q = (q.to(tl.float32) * qk_scale).to(tl.float16)
-        qk_scale = 1.0
-    m_i = tl.full([BLOCK_M], _MASKED, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     q_pos = tl.zeros([BLOCK_M], dtype=tl.int32) + hi  # every query comes after every shared key
     full_end = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
-    k_base, v_base = k_cache_ptr + kvh * stride_kh, v_cache_ptr + kvh * stride_vh
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, lo, full_end, hi, block_tables_ptr, k_base, v_base,
-                            stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-                            offs_d, d_ok, qk_scale, BLOCK_N, CACHE_BLOCK, IEEE, False)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, full_end, hi, hi, block_tables_ptr, k_base, v_base,
-                            stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-                            offs_d, d_ok, qk_scale, BLOCK_N, CACHE_BLOCK, IEEE, True)
-    tl.store(part_ptr + tok[:, None] * stride_pt + head[:, None] * stride_ph + split * stride_ps
-             + offs_d[None, :] * stride_pd, acc, mask=row_ok[:, None] & d_ok[None, :])
-    ml_offs = tok * stride_mlt + head * stride_mlh + split * stride_mls
-    tl.store(ml_ptr + ml_offs, m_i, mask=row_ok)
-    tl.store(ml_ptr + ml_offs + 1, l_i, mask=row_ok)
+    acc, m_i, l_i = _attend_keys(q, q_pos, lo, full_end, hi, block_tables_ptr,
+                                 k_cache_ptr + kvh * stride_kh, v_cache_ptr + kvh * stride_vh,
+                                 stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
+                                 offs_d, d_ok, scale, BLOCK_M, BLOCK_D, BLOCK_N, CACHE_BLOCK, IEEE, KV_FP8)
+    _store_partial(part_ptr, ml_ptr, tok, head, split, acc, m_i, l_i, row_ok, offs_d, d_ok,
+                   stride_pt, stride_ph, stride_ps, stride_pd, stride_mlt, stride_mlh, stride_mls)
 
 
 @functools.lru_cache(maxsize=8)
@@ -316,14 +334,14 @@ def paged_attention_splits(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         grid0 = triton.cdiv(max_query_len, block_q)
     t_strides = (target.stride(0), target.stride(1), target.stride(2) if split else 0, target.stride(-1))
     ml_strides = (ml.stride(0), ml.stride(1), ml.stride(2)) if split else (0, 0, 0)
-    _paged_attention_kernel[(grid0, num_seqs, num_kv_heads)](
+    _paged_attention_kernel[_grid(grid0, num_seqs, num_kv_heads)](
         q, k_cache, v_cache, target, ml, block_tables, seq_lens, query_start_loc, seq_lens, float(scale),
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *t_strides, *ml_strides,
         block_tables.stride(0), num_splits, 0,
         GROUP=group, GROUP_P=group_p, BLOCK_Q=block_q, BLOCK_N=block_n, HEAD_DIM=head_dim,
         BLOCK_D=block_d, CACHE_BLOCK=cache_block, SPLIT=split,
         IEEE=q.dtype == torch.float32 and not kv_fp8, KV_FP8=kv_fp8, SHARED_PREFIX=False,
-        num_warps=warps, num_stages=stages)
+        HEADS_FAST=HEADS_FAST, num_warps=warps, num_stages=stages)
     if split:
         _merge_splits_kernel[(num_tokens, num_heads)](
             part, ml, out, num_splits, *part.stride(), *ml_strides, *out.stride(),
@@ -388,13 +406,13 @@ def shared_prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         BLOCK_D=block_d, CACHE_BLOCK=cache_block, IEEE=ieee, KV_FP8=kv_fp8,
         num_warps=warps, num_stages=stages)
     block_q, block_n, warps, stages = _tile_sizes(q, group_p, 1, kv_fp8)
-    _paged_attention_kernel[(own_splits, num_tokens, num_kv_heads)](
+    _paged_attention_kernel[_grid(own_splits, num_tokens, num_kv_heads)](
         q, k_cache, v_cache, part, ml, block_tables, seq_lens, query_start_loc, shared_prefix_len,
         float(scale), *q.stride(), *k_cache.stride(), *v_cache.stride(), *part.stride(),
         *ml.stride()[:3], block_tables.stride(0), own_splits, prefix_splits,
         GROUP=group, GROUP_P=group_p, BLOCK_Q=block_q, BLOCK_N=block_n, HEAD_DIM=head_dim,
         BLOCK_D=block_d, CACHE_BLOCK=cache_block, SPLIT=True, IEEE=ieee, KV_FP8=kv_fp8,
-        SHARED_PREFIX=True, num_warps=warps, num_stages=stages)
+        SHARED_PREFIX=True, HEADS_FAST=HEADS_FAST, num_warps=warps, num_stages=stages)
     _merge_splits_kernel[(num_tokens, num_heads)](
         part, ml, out, splits, *part.stride(), *ml.stride()[:3], *out.stride(),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=MAX_SPLITS)
