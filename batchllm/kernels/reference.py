@@ -2,7 +2,8 @@
 
 Layouts shared by all backends:
   q: [T, H, D]; k, v: [T, Hkv, D] for the step's T flattened tokens.
-  k_cache, v_cache: [num_blocks, block_size, Hkv, D] (one pair per layer).
+  k_cache, v_cache: [num_blocks, block_size, Hkv, D] (one pair per layer; any strides: the
+  engine stores each block head-major, see runner/kv_cache.py).
   slot_mapping: [T] int64, block_id * block_size + offset; a negative slot is skipped (padding).
   block_tables: [B, max_blocks] int32 (unused entries are arbitrary); seq_lens: [B] int32, the
   context length of each request *including* this step's tokens; query_start_loc: [B + 1] int32,
@@ -18,15 +19,16 @@ import torch.nn.functional as F
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Store each token's K and V at its slot of the paged cache (in place)."""
-    num_blocks, block_size = k_cache.shape[:2]
+    block_size = k_cache.shape[1]
     valid = slot_mapping >= 0
     if not bool(valid.all()):
         k, v, slot_mapping = k[valid], v[valid], slot_mapping[valid]
+    block, offset = slot_mapping // block_size, slot_mapping % block_size
     for x, cache in ((k, k_cache), (v, v_cache)):
-        flat, x = cache.view(num_blocks * block_size, *cache.shape[2:]), to_cache_dtype(x, cache.dtype)
-        if cache.dtype == torch.float8_e4m3fn:  # index_copy_ has no float8 kernel: copy the bytes
-            flat, x = flat.view(torch.uint8), x.view(torch.uint8)
-        flat.index_copy_(0, slot_mapping, x)
+        x = to_cache_dtype(x, cache.dtype)
+        if cache.dtype == torch.float8_e4m3fn:  # indexed writes have no float8 kernel: copy the bytes
+            cache, x = cache.view(torch.uint8), x.view(torch.uint8)
+        cache[block, offset] = x  # the cache may be a strided view (runner/kv_cache.py)
 
 
 FP8_MAX = 448.0  # largest finite float8 e4m3 (fn) value

@@ -11,17 +11,24 @@ def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_di
 
 
 class KVCache:
-    """[layers, 2, blocks, block_size, kv_heads, head_dim] on the device, and the same shape on CPU for swap.
+    """Paged K/V blocks on the device, and a CPU pool of the same layout for swap.
 
-    Swap and copy-on-write move whole blocks across every layer in one indexed copy.
+    Every layer's K (and V) is addressed as [blocks, block_size, kv_heads, head_dim] (the layout
+    of kernels/reference.py), but its bytes sit as [blocks, kv_heads, block_size, head_dim]: the
+    keys one KV head reads from a block are one contiguous run. The kernels follow strides, so
+    only the memory order differs; decode attention reads it 5-20% faster on an H100
+    (benchmarks/decode_layout.py), most with a float8 cache at head dim 64.
+
+    Storage: [layers, 2, blocks, kv_heads, block_size, head_dim]. Swap and copy-on-write move
+    whole blocks across every layer in one indexed copy.
     """
 
     def __init__(self, num_layers: int, num_blocks: int, num_cpu_blocks: int, block_size: int,
                  num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
-        shape = (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
+        shape = (num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim)
         self.device = device
         self.gpu = torch.zeros(shape, dtype=dtype, device=device)
-        cpu_shape = (num_layers, 2, max(num_cpu_blocks, 0), block_size, num_kv_heads, head_dim)
+        cpu_shape = (num_layers, 2, max(num_cpu_blocks, 0), num_kv_heads, block_size, head_dim)
         pin = device.type == "cuda" and num_cpu_blocks > 0
         self.cpu = torch.empty(cpu_shape, dtype=dtype, device="cpu", pin_memory=pin)
         self.num_blocks, self.num_cpu_blocks = num_blocks, max(num_cpu_blocks, 0)
@@ -29,7 +36,8 @@ class KVCache:
         self._gpu_bytes, self._cpu_bytes = self.gpu.view(torch.uint8), self.cpu.view(torch.uint8)
 
     def layer_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(self.gpu[i, 0], self.gpu[i, 1]) for i in range(self.gpu.shape[0])]
+        """(K, V) of each layer as [blocks, block_size, kv_heads, head_dim] views."""
+        return [(self.gpu[i, 0].transpose(1, 2), self.gpu[i, 1].transpose(1, 2)) for i in range(self.gpu.shape[0])]
 
     def _index(self, ids: list[int], device: torch.device) -> torch.Tensor:
         return torch.tensor(ids, dtype=torch.long, device=device)

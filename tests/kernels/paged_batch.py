@@ -25,11 +25,19 @@ class PagedBatch:
                 self.query_start_loc, self.scale, self.max_query_len, self.max_seq_len)
 
 
+def cache_like_engine(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                      fill: float, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A [blocks, block_size, kv_heads, head_dim] cache stored head-major, as the engine's
+    KVCache stores it, so the kernels are tested on the strides they meet in a run."""
+    storage = torch.full((num_blocks, num_kv_heads, block_size, head_dim), fill, dtype=dtype, device=device)
+    return storage.transpose(1, 2)
+
+
 def make_batch(requests: list[tuple[int, int]], *, num_heads: int, num_kv_heads: int, head_dim: int,
                block_size: int, dtype: torch.dtype, device: torch.device, seed: int) -> PagedBatch:
     """requests: (context length incl. this step, query length) per request.
 
-    Every request's blocks are drawn at random from a shuffled pool, so block tables are not
+    The caches are stored head-major (cache_like_engine). Every request's blocks are drawn at random from a shuffled pool, so block tables are not
     contiguous; the unused tail of each last block and the spare blocks hold NaN, which poisons
     any output that reads past a context; unused block-table entries point at a NaN block.
     """
@@ -40,9 +48,8 @@ def make_batch(requests: list[tuple[int, int]], *, num_heads: int, num_kv_heads:
     max_blocks = max(need) + 2
     spare = int(perm[-1])  # never assigned: stays NaN
     tables = torch.full((len(requests), max_blocks), spare, dtype=torch.int32)
-    shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache = torch.full(shape, float("nan"), dtype=dtype)
-    v_cache = torch.full(shape, float("nan"), dtype=dtype)
+    k_cache, v_cache = (cache_like_engine(num_blocks, block_size, num_kv_heads, head_dim, float("nan"), dtype)
+                        for _ in range(2))
     used = 0
     for b, (ctx, _) in enumerate(requests):
         tables[b, :need[b]] = perm[used:used + need[b]].to(torch.int32)

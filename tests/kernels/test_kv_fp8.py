@@ -11,13 +11,13 @@ import torch
 
 from batchllm.kernels import reference
 from tests.kernels.conftest import ON_GPU
-from tests.kernels.paged_batch import make_batch
+from tests.kernels.paged_batch import cache_like_engine, make_batch
 
 FP8 = torch.float8_e4m3fn
 
 
 def _caches(num_blocks: int, block_size: int, heads: int, dim: int, device) -> tuple:
-    return tuple(torch.zeros(num_blocks, block_size, heads, dim, dtype=FP8, device=device) for _ in range(2))
+    return tuple(cache_like_engine(num_blocks, block_size, heads, dim, 0.0, FP8, device) for _ in range(2))
 
 
 def test_reference_write_saturates_and_skips_padding():

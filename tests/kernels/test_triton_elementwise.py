@@ -10,6 +10,7 @@ import torch
 
 from batchllm.kernels import reference
 from tests.kernels.conftest import ON_GPU
+from tests.kernels.paged_batch import cache_like_engine
 
 DTYPES = [torch.float32, torch.bfloat16] if ON_GPU else [torch.float32]
 ROWS = 515 if ON_GPU else 7
@@ -20,8 +21,9 @@ def _tol(dtype: torch.dtype) -> dict:
     return dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("head_major", [True, False])
 @pytest.mark.parametrize("block_size", [16, 8])
-def test_write_kv_matches_reference_and_skips_padding(triton_kernels, device, block_size):
+def test_write_kv_matches_reference_and_skips_padding(triton_kernels, device, block_size, head_major):
     g = torch.Generator().manual_seed(block_size)
     num_blocks, hkv, d, t = 6, 3, 16, 11
     k = torch.randn(t, hkv, d, generator=g)
@@ -29,13 +31,21 @@ def test_write_kv_matches_reference_and_skips_padding(triton_kernels, device, bl
     slots = torch.randperm(num_blocks * block_size, generator=g)[:t]
     slots[[2, 7]] = -1  # padding tokens
     kv = [x.to(device) for x in (k, v)]
-    got_k, got_v, exp_k, exp_v = (torch.full((num_blocks, block_size, hkv, d), float("nan"), device=device)
-                                  for _ in range(4))
+    if head_major:  # as the engine stores it
+        got_k, got_v, exp_k, exp_v = (cache_like_engine(num_blocks, block_size, hkv, d, float("nan"), torch.float32,
+                                                        device) for _ in range(4))
+    else:
+        got_k, got_v, exp_k, exp_v = (torch.full((num_blocks, block_size, hkv, d), float("nan"), device=device)
+                                      for _ in range(4))
     reference.write_kv(*kv, exp_k, exp_v, slots.to(device))
     triton_kernels.write_kv(*kv, got_k, got_v, slots.to(device))
     torch.testing.assert_close(got_k, exp_k, equal_nan=True, atol=0, rtol=0)
     torch.testing.assert_close(got_v, exp_v, equal_nan=True, atol=0, rtol=0)
     assert got_k.isnan().sum() == exp_k.isnan().sum() > 0  # untouched slots stay untouched
+    for s in slots.tolist():  # each token's K sits at its slot, whatever the memory order
+        if s >= 0:
+            t = slots.tolist().index(s)
+            assert torch.equal(got_k[s // block_size, s % block_size].cpu(), k[t])
 
 
 def test_write_kv_from_strided_views_casts_to_cache_dtype(triton_kernels, device):
