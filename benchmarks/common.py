@@ -82,6 +82,55 @@ def timed_generate(llm: LLM, prompts: list[list[int]], output_lens: list[int],
     return time.perf_counter() - t0, outs
 
 
+class StepTrace:
+    """Host time of each LLMEngine.step call of a run, by the kind of plan it applied: steps that
+    carry prompt tokens (prefill chunks, with whatever decodes ride along) and multi-step decode
+    rounds. With async scheduling a round's step() waits for its device work, so these times add
+    up to the run's wall time and show where it goes.
+
+    with StepTrace(llm.engine) as trace: llm.generate(...);  trace.summary()"""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.records = engine, []
+
+    def __enter__(self) -> "StepTrace":
+        eng, sched = self.engine, self.engine.scheduler
+        self._step, self._schedule = eng.step, sched.schedule
+        latest: list = [None]
+
+        def schedule():
+            latest[0] = self._schedule()
+            return latest[0]
+
+        def step():
+            queued = eng._inflight[0] if eng._inflight is not None else None
+            t0 = time.perf_counter()
+            out = self._step()
+            plan = queued or latest[0]
+            if plan is not None and plan.chunks:
+                prompt = sum(len(c.token_ids) for c in plan.chunks if len(c.token_ids) > 1 or not c.sample)
+                self.records.append((time.perf_counter() - t0, plan.num_steps, len(plan.chunks), prompt))
+            return out
+
+        sched.schedule, eng.step = schedule, step
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.engine.step, self.engine.scheduler.schedule = self._step, self._schedule
+
+    def summary(self) -> dict:
+        pre = [r for r in self.records if r[3] > 0]
+        dec = [r for r in self.records if r[3] == 0]
+        dec_steps = sum(r[1] for r in dec)
+        return dict(
+            prompt_steps=dict(count=len(pre), seconds=round(sum(r[0] for r in pre), 3),
+                              prompt_tokens=sum(r[3] for r in pre),
+                              ms_each=round(1e3 * sum(r[0] for r in pre) / max(len(pre), 1), 2)),
+            decode=dict(rounds=len(dec), steps=dec_steps, seconds=round(sum(r[0] for r in dec), 3),
+                        ms_per_step=round(1e3 * sum(r[0] for r in dec) / max(dec_steps, 1), 3),
+                        mean_batch=round(sum(r[2] * r[1] for r in dec) / max(dec_steps, 1), 1)))
+
+
 def rates(seconds: float, num_requests: int, prompt_tokens: int, output_tokens: int) -> dict:
     return dict(seconds=round(seconds, 3), req_per_s=round(num_requests / seconds, 2),
                 output_tok_per_s=round(output_tokens / seconds, 1),

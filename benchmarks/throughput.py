@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (THROUGHPUT_ENGINE, count_output_tokens, greedy,  # noqa: E402
+from benchmarks.common import (THROUGHPUT_ENGINE, StepTrace, count_output_tokens, greedy,  # noqa: E402
                                machine_info, make_llm, parse_sets, rates, release, timed_generate,
                                write_json)
 from benchmarks.roofline import workload_floor
@@ -40,13 +40,14 @@ def run_once(model_dir: Path, work: Workload, logprobs: int | None = None, **eng
     startup = time.perf_counter() - t0  # weights, KV cache, CUDA graph capture
     warm_up(llm, work)
     before = llm.stats()
-    seconds, outs = timed_generate(llm, work.prompts, work.output_lens, logprobs)
+    with StepTrace(llm.engine) as trace:
+        seconds, outs = timed_generate(llm, work.prompts, work.output_lens, logprobs)
     after = llm.stats()
     delta = {k: after[k] - before.get(k, 0) for k in COUNTERS if k in after}
     errors = [o.outputs[0].finish_reason for o in outs if o.outputs[0].finish_reason == "error"]
     result = dict(rates(seconds, len(outs), work.num_prompt_tokens, count_output_tokens(outs)),
                   stats=delta, num_errors=len(errors), engine=engine_kwargs, startup_s=round(startup, 2),
-                  kv_blocks=getattr(llm.engine, "num_blocks", None))
+                  kv_blocks=getattr(llm.engine, "num_blocks", None), steps=trace.summary())
     tokens = [list(o.outputs[0].token_ids) for o in outs]
     top = [o.outputs[0].top_logprobs for o in outs] if logprobs else None
     del llm
