@@ -4,7 +4,8 @@ The cache is addressed as [blocks, block_size, kv_heads, head_dim] everywhere; i
 in that order ("nhd": one key's heads side by side) or as [blocks, kv_heads, block_size,
 head_dim] ("hnd": one head's keys of a block side by side, read as one run; the engine's
 layout) — the kernels only see strides. For each workload decode batch, cache dtype (bf16, fp8)
-and block size: KV read bandwidth of each layout with its best BLOCK_N and stage count.
+and block size: KV read bandwidth of each layout with its best BLOCK_N, warp count and
+stage count.
 (At 7ce6cec this script also compared launch orders; RESULTS.md has those figures.)
 
 Usage: python benchmarks/decode_layout.py [--json OUT]
@@ -50,16 +51,17 @@ def main() -> None:
                 for layout in ("nhd", "hnd"):
                     lb = bb if layout == "nhd" else (bb[0], hnd(bb[1]), hnd(bb[2]), *bb[3:])
                     err = (ta.paged_attention(*lb, max(ctx)).float() - ref).abs().max().item()
-                    rows = sweep(name, ("block_n", "stages"),
-                                 dict(block_n=(64, 128) if dtype == "bf16" or d == 128 else (64, 128, 256),
-                                      stages=(2, 3)),
-                                 lambda block_n, stages: do_bench(lambda: ta.paged_attention_splits(
-                                     *lb, num_splits=1, tiles=(16, block_n, 4, stages))))
+                    rows = sweep(name, ("block_n", "warps", "stages"),
+                                 dict(block_n=(32, 64, 128) if dtype == "bf16" or d == 128 else (32, 64, 128, 256),
+                                      warps=(2, 4), stages=(2, 3)),
+                                 lambda block_n, warps, stages: do_bench(lambda: ta.paged_attention_splits(
+                                     *lb, num_splits=1, tiles=(16, block_n, warps, stages))))
                     best = rows[0]
                     key = f"{name}/bs{block_size}/{dtype}/{layout}"
                     out[key] = dict(GBps=round(nbytes / best["ms"] / 1e6, 1), ms=best["ms"],
-                                    block_n=best["block_n"], stages=best["stages"], max_abs_diff=err,
-                                    all={f"{r['block_n']}/{r['stages']}": r["ms"] for r in rows})
+                                    block_n=best["block_n"], warps=best["warps"], stages=best["stages"],
+                                    max_abs_diff=err,
+                                    all={f"{r['block_n']}/{r['warps']}/{r['stages']}": r["ms"] for r in rows})
                     print(key, out[key], flush=True)
     write_json(args.json, dict(bench="decode_layout", **machine_info(), figures=out))
 

@@ -52,7 +52,9 @@ def _attend(acc, m_i, l_i, q, q_pos, lo, end, hi, table_ptr, k_ptr, v_ptr,
     for start in range(lo, end, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_ok = offs_n < hi
-        if MASK:
+        if BLOCK_N <= CACHE_BLOCK:  # tiles start at multiples of BLOCK_N: one cache block each
+            blk = tl.load(table_ptr + start // CACHE_BLOCK).to(tl.int64) + tl.zeros([BLOCK_N], dtype=tl.int64)
+        elif MASK:
             blk = tl.load(table_ptr + offs_n // CACHE_BLOCK, mask=n_ok, other=0).to(tl.int64)
         else:
             blk = tl.load(table_ptr + offs_n // CACHE_BLOCK).to(tl.int64)
