@@ -284,18 +284,17 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_
     return max(1, min(want, max_seq_len // MIN_SPLIT_TOKENS, MAX_SPLITS))
 
 
-def _tile_sizes(q: torch.Tensor, group_p: int, max_query_len: int,
-                kv_fp8: bool = False) -> tuple[int, int, int, int]:
+def _tile_sizes(q: torch.Tensor, group_p: int, max_query_len: int) -> tuple[int, int, int, int]:
     """(BLOCK_Q, BLOCK_N, num_warps, num_stages) for this launch."""
     if q.device.type != "cuda":  # interpreter: small tiles keep the numpy emulation quick
         block_m, block_n = max(16, group_p), 16
         return max(1, block_m // group_p), block_n, 4, 1
-    # decode: from benchmarks/tune_decode.py on an H100 (the workloads' decode batches: 2.69 ->
-    # 2.76 TB/s at head dim 128, 2.48 -> 2.62 TB/s at head dim 64); prefill: tune_attention.py
-    if max_query_len == 1 and kv_fp8:  # tune_decode.py --fp8 on an H100
-        return max(1, 16 // group_p), 128 if q.shape[-1] >= 128 else 64, 4, 2
+    # decode: benchmarks/decode_layout.py on an H100 over the engine's head-major cache (the
+    # workloads' decode batches, block 16 and 32): two warps per 16-row tile beat four, most with
+    # a float8 cache (8B shape 1.96 -> 2.32 TB/s, 1B shape 1.93 -> 2.17 TB/s of float8 bytes;
+    # bf16 2.79 -> 2.82 and 2.80 TB/s); prefill: tune_attention.py
     if max_query_len == 1:
-        return max(1, 16 // group_p), 128 if q.shape[-1] >= 128 else 32, 4, 2
+        return max(1, 16 // group_p), 64 if q.shape[-1] >= 128 else 32, 2, 2
     return max(1, 64 // group_p), 32, 4, 2
 
 
@@ -313,7 +312,7 @@ def paged_attention_splits(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     group_p = triton.next_power_of_2(group)
     block_d = max(16, triton.next_power_of_2(head_dim))
     kv_fp8 = k_cache.dtype == torch.float8_e4m3fn
-    block_q, block_n, warps, stages = _tile_sizes(q, group_p, max_query_len, kv_fp8)
+    block_q, block_n, warps, stages = _tile_sizes(q, group_p, max_query_len)
     if tiles is not None:
         block_q, block_n, warps, stages = max(1, tiles[0] // group_p), *tiles[1:]
     num_seqs = seq_lens.shape[0]
@@ -404,7 +403,7 @@ def shared_prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         GROUP=group, GROUP_P=group_p, BLOCK_T=block_t, BLOCK_N=block_n, HEAD_DIM=head_dim,
         BLOCK_D=block_d, CACHE_BLOCK=cache_block, IEEE=ieee, KV_FP8=kv_fp8,
         num_warps=warps, num_stages=stages)
-    block_q, block_n, warps, stages = _tile_sizes(q, group_p, 1, kv_fp8)
+    block_q, block_n, warps, stages = _tile_sizes(q, group_p, 1)
     _paged_attention_kernel[_grid(own_splits, num_tokens, num_kv_heads)](
         q, k_cache, v_cache, part, ml, block_tables, seq_lens, query_start_loc, shared_prefix_len,
         float(scale), *q.stride(), *k_cache.stride(), *v_cache.stride(), *part.stride(),
