@@ -86,7 +86,9 @@ class StepTrace:
     """Host time of each LLMEngine.step call of a run, by the kind of plan it applied: steps that
     carry prompt tokens (prefill chunks, with whatever decodes ride along) and multi-step decode
     rounds. With async scheduling a round's step() waits for its device work, so these times add
-    up to the run's wall time and show where it goes.
+    up to the run's wall time and show where it goes; the part of a round's time spent waiting
+    for the device (in runner.collect) against the rest (host work: planning, bookkeeping,
+    outputs) tells whether the rounds are bound by the device or by the host.
 
     with StepTrace(llm.engine) as trace: llm.generate(...);  trace.summary()"""
 
@@ -95,8 +97,16 @@ class StepTrace:
 
     def __enter__(self) -> "StepTrace":
         eng, sched = self.engine, self.engine.scheduler
-        self._step, self._schedule = eng.step, sched.schedule
+        self._step, self._schedule, self._collect = eng.step, sched.schedule, eng.runner.collect
         latest: list = [None]
+        waited = [0.0]
+
+        def collect(round_):
+            t0 = time.perf_counter()
+            if round_.event is not None:
+                round_.event.synchronize()
+            waited[0] += time.perf_counter() - t0
+            return self._collect(round_)
 
         def schedule():
             latest[0] = self._schedule()
@@ -104,19 +114,21 @@ class StepTrace:
 
         def step():
             queued = eng._inflight[0] if eng._inflight is not None else None
-            t0 = time.perf_counter()
+            t0, waited[0] = time.perf_counter(), 0.0
             out = self._step()
             plan = queued or latest[0]
             if plan is not None and plan.chunks:
                 prompt = sum(len(c.token_ids) for c in plan.chunks if len(c.token_ids) > 1 or not c.sample)
-                self.records.append((time.perf_counter() - t0, plan.num_steps, len(plan.chunks), prompt))
+                self.records.append((time.perf_counter() - t0, plan.num_steps, len(plan.chunks), prompt,
+                                     waited[0]))
             return out
 
-        sched.schedule, eng.step = schedule, step
+        sched.schedule, eng.step, eng.runner.collect = schedule, step, collect
         return self
 
     def __exit__(self, *exc) -> None:
         self.engine.step, self.engine.scheduler.schedule = self._step, self._schedule
+        self.engine.runner.collect = self._collect
 
     def summary(self) -> dict:
         pre = [r for r in self.records if r[3] > 0]
@@ -128,6 +140,7 @@ class StepTrace:
                               ms_each=round(1e3 * sum(r[0] for r in pre) / max(len(pre), 1), 2)),
             decode=dict(rounds=len(dec), steps=dec_steps, seconds=round(sum(r[0] for r in dec), 3),
                         ms_per_step=round(1e3 * sum(r[0] for r in dec) / max(dec_steps, 1), 3),
+                        device_wait_s=round(sum(r[4] for r in dec), 3),
                         mean_batch=round(sum(r[2] * r[1] for r in dec) / max(dec_steps, 1), 1)))
 
 

@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (count_output_tokens, greedy, machine_info, make_llm, parse_sets, rates,  # noqa: E402
+from benchmarks.common import (StepTrace, count_output_tokens, greedy, machine_info, make_llm, parse_sets, rates,  # noqa: E402
                                release, timed_generate, write_json)
 from benchmarks.shapes import write_model_dir  # noqa: E402
 from benchmarks.workloads import build_workload, warmup_workload  # noqa: E402
@@ -120,9 +120,10 @@ def main() -> None:
             llm = make_llm(weights_dir, load_format="auto", **settings)
             warm_p, warm_o = warmup_workload(work)
             llm.generate(warm_p, [greedy(n) for n in warm_o])
-            sec, outs = timed_generate(llm, prompts, out_lens)
+            with StepTrace(llm.engine) as trace:
+                sec, outs = timed_generate(llm, prompts, out_lens)
             name = f"batchllm[{variant}]" if variant else "batchllm"
-            figures[name] = rates(sec, len(outs), n_prompt, count_output_tokens(outs))
+            figures[name] = dict(rates(sec, len(outs), n_prompt, count_output_tokens(outs)), steps=trace.summary())
             ours = ours or [list(o.outputs[0].token_ids) for o in outs]
             del llm
             release()
