@@ -52,12 +52,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     block_tables: torch.Tensor, seq_lens: torch.Tensor,
                     query_start_loc: torch.Tensor, scale: float,
                     max_query_len: int, max_seq_len: int,
-                    shared_prefix_len: torch.Tensor | None = None) -> torch.Tensor:
+                    shared_prefix_len: torch.Tensor | None = None,
+                    seq_order: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of a mixed batch (prefill chunks and decode tokens) over the paged cache.
 
     The step's own K/V must already be written to the cache. Returns [T, H, D] in q's dtype.
     shared_prefix_len (the number of leading keys every request finds in the same blocks) only
-    lets a backend read those keys once; the result is the same, so this reference ignores it.
+    lets a backend read those keys once, and seq_order (a permutation of the requests) only the
+    order a backend starts them in; the result is the same, so this reference ignores both.
     """
     if max_query_len == 1 and q.shape[0] == seq_lens.shape[0]:
         return _decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len)

@@ -37,9 +37,9 @@ MAX_SPLITS = 64
 
 def _grid(grid0: int, num_seqs: int, num_kv_heads: int) -> tuple[int, int, int]:
     """Launch order: the KV heads of one request side by side, then its query tiles or splits,
-    then the requests. Programs running at the same time then read neighbouring bytes of the same
-    cache blocks (benchmarks/decode_layout.py: +2-10% decode bandwidth over requests-first on an
-    H100, most with a float8 cache at head dim 64)."""
+    then the requests (in seq_order where given). Programs running at the same time then read
+    neighbouring bytes of the same cache blocks (benchmarks/decode_layout.py: +2-10% decode
+    bandwidth over requests-first on an H100, most with a float8 cache at head dim 64)."""
     return num_kv_heads, grid0, num_seqs
 
 
@@ -128,7 +128,7 @@ _VARYING = ["num_splits", "stride_mlt", "stride_mlh", "stride_mls", "split_base"
 @triton.jit(do_not_specialize=["stride_bt"] + _VARYING)
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, ml_ptr,
-    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, prefix_len_ptr, scale,
+    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, prefix_len_ptr, seq_order_ptr, scale,
     stride_qt, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -139,10 +139,13 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CACHE_BLOCK: tl.constexpr,
     SPLIT: tl.constexpr, IEEE: tl.constexpr, KV_FP8: tl.constexpr, SHARED_PREFIX: tl.constexpr,
+    ORDERED: tl.constexpr,
 ):
     kvh = tl.program_id(0)  # grid: see _grid
     pid0 = tl.program_id(1)
     b = tl.program_id(2)
+    if ORDERED:  # the requests start in this order (longest context first: see paged_attention)
+        b = tl.load(seq_order_ptr + b)
     q_start = tl.load(query_start_loc_ptr + b)
     q_len = tl.load(query_start_loc_ptr + b + 1) - q_start
     ctx = tl.load(seq_lens_ptr + b)
@@ -301,7 +304,8 @@ def _tile_sizes(q: torch.Tensor, group_p: int, max_query_len: int) -> tuple[int,
 def paged_attention_splits(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor,
                            query_start_loc: torch.Tensor, scale: float, max_query_len: int,
-                           num_splits: int, tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                           num_splits: int, tiles: tuple[int, int, int, int] | None = None,
+                           seq_order: torch.Tensor | None = None) -> torch.Tensor:
     """paged_attention with an explicit number of KV splits (1 = single pass, no merge).
 
     tiles: (BLOCK_M, BLOCK_N, num_warps, num_stages) to override the defaults (for tuning)."""
@@ -333,13 +337,14 @@ def paged_attention_splits(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     t_strides = (target.stride(0), target.stride(1), target.stride(2) if split else 0, target.stride(-1))
     ml_strides = (ml.stride(0), ml.stride(1), ml.stride(2)) if split else (0, 0, 0)
     _paged_attention_kernel[_grid(grid0, num_seqs, num_kv_heads)](
-        q, k_cache, v_cache, target, ml, block_tables, seq_lens, query_start_loc, seq_lens, float(scale),
+        q, k_cache, v_cache, target, ml, block_tables, seq_lens, query_start_loc, seq_lens,
+        seq_lens if seq_order is None else seq_order, float(scale),
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *t_strides, *ml_strides,
         block_tables.stride(0), num_splits, 0,
         GROUP=group, GROUP_P=group_p, BLOCK_Q=block_q, BLOCK_N=block_n, HEAD_DIM=head_dim,
         BLOCK_D=block_d, CACHE_BLOCK=cache_block, SPLIT=split,
         IEEE=q.dtype == torch.float32 and not kv_fp8, KV_FP8=kv_fp8, SHARED_PREFIX=False,
-        num_warps=warps, num_stages=stages)
+        ORDERED=seq_order is not None, num_warps=warps, num_stages=stages)
     if split:
         _merge_splits_kernel[(num_tokens, num_heads)](
             part, ml, out, num_splits, *part.stride(), *ml_strides, *out.stride(),
@@ -362,7 +367,8 @@ def shared_prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             query_start_loc: torch.Tensor, scale: float, shared_prefix_len: torch.Tensor,
                             max_seq_len: int | None = None, prefix_splits: int | None = None,
                             own_splits: int | None = None,
-                            tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                            tiles: tuple[int, int, int, int] | None = None,
+                            seq_order: torch.Tensor | None = None) -> torch.Tensor:
     """Decode-only attention where the first shared_prefix_len keys ([1] int32 on the device, a
     multiple of the cache block size, below every request's context length) sit in the same
     blocks for every request: block_tables[b, :P] == block_tables[0, :P]. Same result as
@@ -406,11 +412,11 @@ def shared_prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     block_q, block_n, warps, stages = _tile_sizes(q, group_p, 1)
     _paged_attention_kernel[_grid(own_splits, num_tokens, num_kv_heads)](
         q, k_cache, v_cache, part, ml, block_tables, seq_lens, query_start_loc, shared_prefix_len,
-        float(scale), *q.stride(), *k_cache.stride(), *v_cache.stride(), *part.stride(),
+        seq_lens if seq_order is None else seq_order, float(scale), *q.stride(), *k_cache.stride(), *v_cache.stride(), *part.stride(),
         *ml.stride()[:3], block_tables.stride(0), own_splits, prefix_splits,
         GROUP=group, GROUP_P=group_p, BLOCK_Q=block_q, BLOCK_N=block_n, HEAD_DIM=head_dim,
         BLOCK_D=block_d, CACHE_BLOCK=cache_block, SPLIT=True, IEEE=ieee, KV_FP8=kv_fp8,
-        SHARED_PREFIX=True, num_warps=warps, num_stages=stages)
+        SHARED_PREFIX=True, ORDERED=seq_order is not None, num_warps=warps, num_stages=stages)
     _merge_splits_kernel[(num_tokens, num_heads)](
         part, ml, out, splits, *part.stride(), *ml.stride()[:3], *out.stride(),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=MAX_SPLITS)
@@ -421,19 +427,25 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     block_tables: torch.Tensor, seq_lens: torch.Tensor,
                     query_start_loc: torch.Tensor, scale: float,
                     max_query_len: int, max_seq_len: int,
-                    shared_prefix_len: torch.Tensor | None = None) -> torch.Tensor:
+                    shared_prefix_len: torch.Tensor | None = None,
+                    seq_order: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of a mixed batch over the paged cache (see reference.paged_attention).
 
     max_query_len must bound every request's query length (it sizes the launch grid); max_seq_len
     only steers the split-KV heuristic. Neither is read back from the device. shared_prefix_len:
     for a decode-only batch whose requests share their first blocks, see shared_prefix_attention.
+    seq_order: [B] int32, a permutation of the requests: the order their programs start in. The
+    result is the same; the time is not. A decode kernel's programs are all resident at once, so
+    it lasts as long as its busiest SMs: started longest context first, the short ones fill in
+    behind the long ones (benchmarks/decode_balance.py, W-hf's spread of contexts on an H100:
+    0.1861 ms in arrival order, 0.1634 ms longest first, 0.1685 ms for the same keys spread evenly).
     """
     if shared_prefix_len is not None and max_query_len == 1:
         return shared_prefix_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                                       scale, shared_prefix_len, max_seq_len)
+                                       scale, shared_prefix_len, max_seq_len, seq_order=seq_order)
     num_splits = 1
     if q.device.type == "cuda":
         num_splits = choose_num_splits(seq_lens.shape[0], k_cache.shape[2], max_query_len, max_seq_len,
                                        _num_sms(q.device.index or 0))
     return paged_attention_splits(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                                  scale, max_query_len, num_splits)
+                                  scale, max_query_len, num_splits, seq_order=seq_order)

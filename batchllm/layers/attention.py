@@ -21,6 +21,8 @@ class AttentionMetadata:
     # decode-only batches: [1] int32, how many leading keys every request reads from the same
     # blocks (block_tables[:, :P] all equal row 0); None = no shared prefix to exploit
     shared_prefix_len: torch.Tensor | None = None
+    # decode-only batches: [B] int32, the requests longest context first (the kernels' launch order)
+    seq_order: torch.Tensor | None = None
 
 
 class PagedAttention(nn.Module):
@@ -38,4 +40,5 @@ class PagedAttention(nn.Module):
         self.kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         return self.kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                             meta.query_start_loc, self.scale, meta.max_query_len,
-                                            meta.max_seq_len, shared_prefix_len=meta.shared_prefix_len)
+                                            meta.max_seq_len, shared_prefix_len=meta.shared_prefix_len,
+                                            seq_order=meta.seq_order)

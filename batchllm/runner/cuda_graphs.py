@@ -41,6 +41,8 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(max_batch + 1, dtype=i32, device=device)
         self.block_tables = torch.zeros((max_batch, max_blocks_per_seq), dtype=i32, device=device)
         self.shared_prefix_len = torch.zeros(1, dtype=i32, device=device)
+        self._identity = torch.arange(max_batch, dtype=i32, device=device)
+        self.seq_order = self._identity.clone()
         self.shared_prefix_min_reqs = shared_prefix_min_reqs
         vocab = model.config.vocab_size
         dtype = next(model.parameters()).dtype
@@ -53,7 +55,8 @@ class DecodeGraphs:
     def _meta(self, n: int, shared: bool) -> AttentionMetadata:
         return AttentionMetadata(self.slot_mapping[:n], self.query_start_loc[:n + 1], self.seq_lens[:n],
                                  self.block_tables[:n], max_query_len=1, max_seq_len=self.max_model_len,
-                                 shared_prefix_len=self.shared_prefix_len if shared else None)
+                                 shared_prefix_len=self.shared_prefix_len if shared else None,
+                                 seq_order=self.seq_order[:n])
 
     def _forward(self, n: int, shared: bool) -> torch.Tensor:
         """Logits of the first n rows, written into the one static buffer all sizes share (a
@@ -86,14 +89,16 @@ class DecodeGraphs:
         return None
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-            seq_lens: torch.Tensor, block_tables: torch.Tensor, shared_prefix_len: int = 0) -> torch.Tensor:
+            seq_lens: torch.Tensor, block_tables: torch.Tensor, shared_prefix_len: int = 0,
+            seq_order: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [b, vocab] of one decode step of b requests (a view into the graph's output).
 
         Inputs are device tensors of b rows; they are copied into the static buffers on the
         device (no host sync), and rows b..n-1 of the padded size are neutralized.
         shared_prefix_len > 0: every request reads its first shared_prefix_len keys from the same
         blocks (see kernels.triton_attention.shared_prefix_attention); b must be at least
-        shared_prefix_min_reqs."""
+        shared_prefix_min_reqs. seq_order: [b] int32, the order the attention kernels start the
+        requests in (see AttentionMetadata); None = as given."""
         b = input_ids.shape[0]
         n = self.size_for(b)
         assert n is not None, (b, self.max_batch)
@@ -103,7 +108,9 @@ class DecodeGraphs:
         self.slot_mapping[:b].copy_(slot_mapping)
         self.seq_lens[:b].copy_(seq_lens)
         self.block_tables[:b, :width].copy_(block_tables)
+        self.seq_order[:b].copy_(self._identity[:b] if seq_order is None else seq_order)
         if n > b:
+            self.seq_order[b:n].copy_(self._identity[b:n])
             self.input_ids[b:n].zero_()
             self.positions[b:n].zero_()
             self.slot_mapping[b:n].fill_(-1)

@@ -12,6 +12,12 @@ from batchllm.layers.sampler import NONFINITE_ERROR
 from batchllm.runner.kv_cache import KVCache
 
 
+def longest_first(context_lens: np.ndarray) -> np.ndarray:
+    """The decode batch's rows by context length, longest first (int32): the order in which the
+    attention kernels start the requests, so the short ones fill in behind the long ones."""
+    return np.argsort(-context_lens, kind="stable").astype(np.int32)
+
+
 class EngineFaultError(RuntimeError):
     """The device could not run a step even after shrinking it; the job should stop."""
 
@@ -133,7 +139,8 @@ class ModelRunner:
             seq_lens=self._to_device(hb.seq_lens.astype(np.int32)),
             block_tables=self._to_device(hb.block_tables.astype(np.int32)),
             max_query_len=hb.max_query_len, max_seq_len=int(hb.seq_lens.max()),
-            shared_prefix_len=self._prefix_tensor(shared_prefix_len))
+            shared_prefix_len=self._prefix_tensor(shared_prefix_len),
+            seq_order=self._to_device(longest_first(hb.seq_lens)) if hb.is_decode else None)
         hidden = self.model(self._to_device(hb.input_ids), self._to_device(hb.positions),
                             self.layer_caches, meta)
         return self.model.compute_logits(hidden[self._to_device(hb.logits_indices)])
@@ -200,7 +207,8 @@ class ModelRunner:
             logits = self.graphs.run(self._to_device(hb.input_ids), self._to_device(hb.positions),
                                      self._to_device(hb.slot_mapping),
                                      self._to_device(hb.seq_lens.astype(np.int32)),
-                                     self._to_device(hb.block_tables.astype(np.int32)), prefix)
+                                     self._to_device(hb.block_tables.astype(np.int32)), prefix,
+                                     self._to_device(longest_first(hb.seq_lens)))
         else:
             logits = self._logits_eager(hb, prefix)
         if not hb.sample_req_ids:
@@ -233,6 +241,7 @@ class ModelRunner:
         seq_lens = self._to_device((pos + 1).astype(np.int32))
         block_tables = self._to_device(hb.block_tables.astype(np.int32))
         query_start = self._to_device(np.arange(num_reqs + 1, dtype=np.int32))
+        order = self._to_device(longest_first(hb.positions))  # every context grows alike: one order per round
         ids = feed if feed is not None else self._to_device(hb.input_ids)
         req_ids = hb.sample_req_ids
         use_graphs = self.graphs is not None and num_reqs <= self.graphs.max_batch
@@ -243,11 +252,11 @@ class ModelRunner:
         for step in range(num_steps):
             if use_graphs:
                 logits = self.graphs.run(ids, positions[step], slot_mapping[step], seq_lens[step],
-                                         block_tables, prefix)
+                                         block_tables, prefix, order)
             else:
                 meta = AttentionMetadata(slot_mapping[step], query_start, seq_lens[step], block_tables,
                                          max_query_len=1, max_seq_len=int(pos[step].max()) + 1,
-                                         shared_prefix_len=prefix_tensor)
+                                         shared_prefix_len=prefix_tensor, seq_order=order)
                 hidden = self.model(ids, positions[step], self.layer_caches, meta)
                 logits = self.model.compute_logits(hidden)
             sample = self.sampler.sample_on_device(logits, req_ids)

@@ -51,14 +51,17 @@ def test_shared_prefix_matches_plain_attention(triton_kernels, poison_empty, dev
 
 def test_shared_prefix_through_paged_attention(triton_kernels, device):
     """The kernel set's paged_attention takes the shared-prefix path when given a prefix length,
-    and a zero-length prefix is plain attention."""
+    and a zero-length prefix is plain attention; in either, with requests started in any order."""
     b = _shared_batch([70, 45, 100], 2, group=2, seed=5)
     expected = reference.paged_attention(*b.args())
     args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in b.args()]
+    order = torch.tensor([2, 0, 1], dtype=torch.int32, device=device)  # longest context first
     for plen in (2 * BLOCK, 0):
-        got = triton_kernels.paged_attention(
-            *args, shared_prefix_len=torch.tensor([plen], dtype=torch.int32, device=device))
-        torch.testing.assert_close(got.float().cpu(), expected.float(), **TOL)
+        for seq_order in (None, order):
+            got = triton_kernels.paged_attention(
+                *args, shared_prefix_len=torch.tensor([plen], dtype=torch.int32, device=device),
+                seq_order=seq_order)
+            torch.testing.assert_close(got.float().cpu(), expected.float(), **TOL)
 
 
 def test_shared_prefix_fp8_cache(triton_kernels, device):

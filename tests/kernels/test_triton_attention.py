@@ -59,6 +59,26 @@ def test_decode_only_batch_matches_reference(triton_kernels, poison_empty, devic
     _check(triton_kernels, poison_empty, batch)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_launch_order_changes_nothing(triton_kernels, poison_empty, device, num_splits):
+    """seq_order (the order requests start in, longest context first in the engine) is a
+    permutation of the rows: each request's output must stay its own, whatever the order."""
+    from batchllm.kernels.triton_attention import paged_attention_splits
+    from batchllm.runner.model_runner import longest_first
+
+    requests = [(c * SCALE, 1) for c in (5, 70, 16, 33, 1, 47)]
+    batch = make_batch(requests, num_heads=8, num_kv_heads=2, head_dim=HEAD_DIM, block_size=16,
+                       dtype=DTYPE, device=device, seed=21 + num_splits)
+    order = longest_first(batch.seq_lens.cpu().numpy())
+    assert [requests[i][0] for i in order] == sorted((c for c, _ in requests), reverse=True)
+    expected = reference.paged_attention(*batch.args())
+    with poison_empty():
+        got = paged_attention_splits(*batch.args()[:7], 1, num_splits,
+                                     seq_order=torch.from_numpy(order).to(device))
+    assert not got.isnan().any()
+    torch.testing.assert_close(got.float(), expected.float(), **TOL)
+
+
 def test_group_of_three_heads(triton_kernels, poison_empty, device):
     """A group size that is not a power of two (padded rows must stay unwritten)."""
     batch = make_batch([(30, 30), (21, 1)], num_heads=6, num_kv_heads=2, head_dim=HEAD_DIM, block_size=8,
