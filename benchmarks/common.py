@@ -129,6 +129,7 @@ class StepTrace:
     def __exit__(self, *exc) -> None:
         self.engine.step, self.engine.scheduler.schedule = self._step, self._schedule
         self.engine.runner.collect = self._collect
+        self.engine = None  # the records stay; the engine (and its GPU memory) may go
 
     def summary(self) -> dict:
         pre = [r for r in self.records if r[3] > 0]
