@@ -129,7 +129,8 @@ class StepTrace:
     def __exit__(self, *exc) -> None:
         self.engine.step, self.engine.scheduler.schedule = self._step, self._schedule
         self.engine.runner.collect = self._collect
-        self.engine = None  # the records stay; the engine (and its GPU memory) may go
+        # the records stay; the engine (and its GPU memory) may go
+        self.engine = self._step = self._schedule = self._collect = None
 
     def summary(self) -> dict:
         pre = [r for r in self.records if r[3] > 0]
