@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine_info, write_json  # noqa: E402
-from benchmarks.decode_layout import hnd  # noqa: E402
+from benchmarks.kernel_bench import hnd  # noqa: E402
 from benchmarks.tune_decode import decode_batch  # noqa: E402
 
 

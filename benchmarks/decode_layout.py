@@ -21,12 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine_info, sweep, write_json  # noqa: E402
+from benchmarks.kernel_bench import hnd  # noqa: E402
 from benchmarks.tune_decode import decode_batch  # noqa: E402
-
-
-def hnd(cache: torch.Tensor) -> torch.Tensor:
-    """The same values with each block's heads outermost in memory, viewed in the usual order."""
-    return cache.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def main() -> None:

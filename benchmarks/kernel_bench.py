@@ -18,6 +18,12 @@ from benchmarks.common import machine_info, write_json  # noqa: E402
 H, HKV, D, BS = 32, 8, 128, 16
 
 
+def hnd(cache: torch.Tensor) -> torch.Tensor:
+    """The same values stored as the engine stores them (each block's KV heads outermost in
+    memory, runner/kv_cache.py), viewed in the usual [blocks, block_size, kv_heads, head_dim]."""
+    return cache.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def _batch(ctx: list[int], q_lens: list[int], heads: int = H, kv_heads: int = HKV, dim: int = D,
            block_size: int = BS):
     """Paged-attention arguments for requests of these context and query lengths (bf16, block 16

@@ -1,6 +1,6 @@
 """Sweep decode-attention launch settings on the GPU for the decode batches of the workloads.
 
-Cases (bf16, block 16, KV blocks scattered at random): the 8B shape (32/8 heads, dim 128) with
+Cases (bf16, block 16, KV blocks scattered at random, head-major as the engine stores them): the 8B shape (32/8 heads, dim 128) with
 512 requests at 384 tokens, the 1B shape (32/8, dim 64) with 512 at 672, the 0.6B shape (16/8,
 dim 128) with 256 requests of 100..1900 tokens. For each: KV read bandwidth of the default
 launch and of every (BLOCK_N, warps, stages, splits) tried, best first.
@@ -19,10 +19,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine_info, sweep, write_json  # noqa: E402
-from benchmarks.kernel_bench import _batch  # noqa: E402
+from benchmarks.kernel_bench import _batch, hnd  # noqa: E402
+
 
 def decode_batch(heads: int, kv_heads: int, dim: int, ctx: list[int], block_size: int = 16):
-    """(paged_attention arguments without max_seq_len, K+V bytes read) of a decode-only batch."""
+    """(paged_attention arguments without max_seq_len, K+V bytes read) of a decode-only batch
+    (caches in the plain [blocks, block_size, kv_heads, head_dim] memory order)."""
     args = _batch(ctx, [1] * len(ctx), heads, kv_heads, dim, block_size)[:8]
     return args, sum(ctx) * 2 * kv_heads * dim * 2
 
@@ -43,12 +45,13 @@ def main() -> None:
     out: dict = {}
     for name, (h, hkv, d, ctx) in cases.items():
         b, kv_bytes = decode_batch(h, hkv, d, ctx)
+        b = (b[0], hnd(b[1]), hnd(b[2]), *b[3:])  # the engine's memory order
         if args.fp8:
             b = (b[0], b[1].to(torch.float8_e4m3fn), b[2].to(torch.float8_e4m3fn), *b[3:])
             kv_bytes //= 2
         ms = do_bench(lambda: paged_attention(*b, max(ctx)))
         block_ns = (32, 64, 128) + ((256,) if args.fp8 else ())
-        rows = sweep(name, ("block_n", "warps", "stages"), dict(block_n=block_ns, warps=(4, 8), stages=(2, 3, 4)),
+        rows = sweep(name, ("block_n", "warps", "stages"), dict(block_n=block_ns, warps=(2, 4, 8), stages=(2, 3, 4)),
                      lambda block_n, warps, stages: do_bench(lambda: paged_attention_splits(
                          *b, num_splits=1, tiles=(16, block_n, warps, stages))))
         for r in rows:
