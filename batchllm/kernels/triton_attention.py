@@ -38,8 +38,8 @@ MAX_SPLITS = 64
 def _grid(grid0: int, num_seqs: int, num_kv_heads: int) -> tuple[int, int, int]:
     """Launch order: the KV heads of one request side by side, then its query tiles or splits,
     then the requests (in seq_order where given). Programs running at the same time then read
-    neighbouring bytes of the same cache blocks (benchmarks/decode_layout.py: +2-10% decode
-    bandwidth over requests-first on an H100, most with a float8 cache at head dim 64)."""
+    neighbouring bytes of the same cache blocks (benchmarks/decode_layout.py on an H100: decode
+    1-9% faster than requests first, most with a float8 cache at head dim 64)."""
     return num_kv_heads, grid0, num_seqs
 
 

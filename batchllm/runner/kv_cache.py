@@ -16,8 +16,8 @@ class KVCache:
     Every layer's K (and V) is addressed as [blocks, block_size, kv_heads, head_dim] (the layout
     of kernels/reference.py), but its bytes sit as [blocks, kv_heads, block_size, head_dim]: the
     keys one KV head reads from a block are one contiguous run. The kernels follow strides, so
-    only the memory order differs; decode attention reads it 5-20% faster on an H100
-    (benchmarks/decode_layout.py), most with a float8 cache at head dim 64.
+    only the memory order differs; decode attention reads it up to 15% faster on an H100
+    (benchmarks/decode_layout.py: a float8 cache at head dim 64; 0-5% at head dim 128 or bf16).
 
     Storage: [layers, 2, blocks, kv_heads, block_size, head_dim]. Swap and copy-on-write move
     whole blocks across every layer in one indexed copy.
