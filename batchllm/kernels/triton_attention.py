@@ -294,8 +294,8 @@ def _tile_sizes(q: torch.Tensor, group_p: int, max_query_len: int) -> tuple[int,
         return max(1, block_m // group_p), block_n, 4, 1
     # decode: benchmarks/decode_layout.py on an H100 over the engine's head-major cache (the
     # workloads' decode batches, block 16 and 32): two warps per 16-row tile beat four, most with
-    # a float8 cache (8B shape 1.96 -> 2.32 TB/s, 1B shape 1.93 -> 2.17 TB/s of float8 bytes;
-    # bf16 2.79 -> 2.82 and 2.80 TB/s); prefill: tune_attention.py
+    # a float8 cache (block 32: 8B shape 2.06 -> 2.32 TB/s, 1B shape 1.83 -> 2.17 TB/s of float8
+    # bytes; bf16 2.80 -> 2.82 and 2.79 -> 2.80 TB/s); prefill: tune_attention.py
     if max_query_len == 1:
         return max(1, 16 // group_p), 64 if q.shape[-1] >= 128 else 32, 2, 2
     return max(1, 64 // group_p), 32, 4, 2
