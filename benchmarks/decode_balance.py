@@ -15,12 +15,11 @@ import random
 import sys
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine_info, write_json  # noqa: E402
-from benchmarks.kernel_bench import hnd  # noqa: E402
+from benchmarks.kernel_bench import fp8_caches  # noqa: E402
 from benchmarks.tune_decode import decode_batch  # noqa: E402
 
 
@@ -42,9 +41,8 @@ def main() -> None:
         for name, ctx in orders.items():
             b, kv_bytes = decode_batch(32, 8, 64, ctx, 32)
             if dtype == "fp8":
-                b = (b[0], b[1].to(torch.float8_e4m3fn), b[2].to(torch.float8_e4m3fn), *b[3:])
+                b = fp8_caches(b)
                 kv_bytes //= 2
-            b = (b[0], hnd(b[1]), hnd(b[2]), *b[3:])
             row = {}
             for block_n, warps, stages in ((32, 2, 2), (32, 4, 2), (64, 4, 2), (64, 2, 2)):
                 ms = do_bench(lambda: ta.paged_attention_splits(*b, num_splits=1, tiles=(16, block_n, warps, stages)))

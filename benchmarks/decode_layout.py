@@ -16,12 +16,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine_info, sweep, write_json  # noqa: E402
-from benchmarks.kernel_bench import hnd  # noqa: E402
+from benchmarks.kernel_bench import fp8_caches, hnd  # noqa: E402
 from benchmarks.tune_decode import decode_batch  # noqa: E402
 
 
@@ -37,11 +36,11 @@ def main() -> None:
     out: dict = {}
     for name, (h, hkv, d, ctx) in cases.items():
         for block_size in (16, 32):
-            b, kv_bytes = decode_batch(h, hkv, d, ctx, block_size)
+            b, kv_bytes = decode_batch(h, hkv, d, ctx, block_size, head_major=False)
             for dtype in ("bf16", "fp8"):
                 bb, nbytes = b, kv_bytes
                 if dtype == "fp8":
-                    bb = (b[0], b[1].to(torch.float8_e4m3fn), b[2].to(torch.float8_e4m3fn), *b[3:])
+                    bb = fp8_caches(b)
                     nbytes //= 2
                 ref = ta.paged_attention(*bb, max(ctx)).float()
                 for layout in ("nhd", "hnd"):

@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.kernel_bench import fp8_caches  # noqa: E402
 from benchmarks.tune_decode import decode_batch  # noqa: E402
 
 
@@ -37,8 +38,7 @@ def main() -> None:
         for block_size in (16, 32, 64):
             args, kv_bytes = decode_batch(h, hkv, d, ctx, block_size)
             ms = do_bench(lambda: triton_attention.paged_attention(*args, max(ctx)))
-            f8 = list(args)
-            f8[1], f8[2] = args[1].to(torch.float8_e4m3fn), args[2].to(torch.float8_e4m3fn)
+            f8 = fp8_caches(args)
             ms8 = do_bench(lambda: triton_attention.paged_attention(*f8, max(ctx)))
             print(name, f"block {block_size}: bf16 {ms:.4f} ms ({kv_bytes / ms / 1e6:.0f} GB/s)  fp8 {ms8:.4f} ms "
                   f"({kv_bytes / 2 / ms8 / 1e6:.0f} GB/s of fp8 bytes)", flush=True)

@@ -24,15 +24,23 @@ def hnd(cache: torch.Tensor) -> torch.Tensor:
     return cache.transpose(1, 2).contiguous().transpose(1, 2)
 
 
+def fp8_caches(args: tuple) -> tuple:
+    """Paged-attention arguments with the K and V caches cast to float8 e4m3 (memory order kept)."""
+    return (args[0], args[1].to(torch.float8_e4m3fn), args[2].to(torch.float8_e4m3fn), *args[3:])
+
+
 def _batch(ctx: list[int], q_lens: list[int], heads: int = H, kv_heads: int = HKV, dim: int = D,
-           block_size: int = BS):
+           block_size: int = BS, head_major: bool = True):
     """Paged-attention arguments for requests of these context and query lengths (bf16, block 16
-    unless given, KV blocks scattered at random)."""
+    unless given, KV blocks scattered at random). The caches are stored as the engine stores
+    them (hnd) unless head_major is False (the plain [blocks, block_size, kv_heads, head_dim])."""
     dev = torch.device("cuda")
     need = [(c + block_size - 1) // block_size for c in ctx]
     nb = sum(need)
     k_cache = torch.randn(nb, block_size, kv_heads, dim, dtype=torch.bfloat16, device=dev)
     v_cache = torch.randn_like(k_cache)
+    if head_major:
+        k_cache, v_cache = hnd(k_cache), hnd(v_cache)
     perm = torch.randperm(nb, device=dev).to(torch.int32)
     tables = torch.zeros(len(ctx), max(need), dtype=torch.int32, device=dev)
     used = 0

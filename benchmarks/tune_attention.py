@@ -12,12 +12,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine_info, sweep, write_json  # noqa: E402
-from benchmarks.kernel_bench import _batch  # noqa: E402
+from benchmarks.kernel_bench import _batch, fp8_caches  # noqa: E402
 
 
 def main() -> None:
@@ -35,9 +34,9 @@ def main() -> None:
              "1B_prefill_16x1024": ((32, 8, 64), [1024] * 16, [1024] * 16)}
     out: dict = {}
     for name, ((h, hkv, d), ctx, q_lens) in cases.items():
-        b = list(_batch(ctx, q_lens, h, hkv, d))
+        b = _batch(ctx, q_lens, h, hkv, d)
         if args.fp8:
-            b[1], b[2] = b[1].to(torch.float8_e4m3fn), b[2].to(torch.float8_e4m3fn)
+            b = fp8_caches(b)
         default = do_bench(lambda: paged_attention(*b))
         flops = sum(4 * q * (c - q / 2) * h * d for c, q in zip(ctx, q_lens))  # causal QK and PV
         rows = sweep(name, ("block_m", "block_n", "warps", "stages"),

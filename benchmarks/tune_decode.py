@@ -14,18 +14,18 @@ import random
 import sys
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine_info, sweep, write_json  # noqa: E402
-from benchmarks.kernel_bench import _batch, hnd  # noqa: E402
+from benchmarks.kernel_bench import _batch, fp8_caches  # noqa: E402
 
 
-def decode_batch(heads: int, kv_heads: int, dim: int, ctx: list[int], block_size: int = 16):
+def decode_batch(heads: int, kv_heads: int, dim: int, ctx: list[int], block_size: int = 16,
+                 head_major: bool = True):
     """(paged_attention arguments without max_seq_len, K+V bytes read) of a decode-only batch
-    (caches in the plain [blocks, block_size, kv_heads, head_dim] memory order)."""
-    args = _batch(ctx, [1] * len(ctx), heads, kv_heads, dim, block_size)[:8]
+    (caches in the engine's memory order unless head_major is False; see kernel_bench._batch)."""
+    args = _batch(ctx, [1] * len(ctx), heads, kv_heads, dim, block_size, head_major)[:8]
     return args, sum(ctx) * 2 * kv_heads * dim * 2
 
 
@@ -45,9 +45,8 @@ def main() -> None:
     out: dict = {}
     for name, (h, hkv, d, ctx) in cases.items():
         b, kv_bytes = decode_batch(h, hkv, d, ctx)
-        b = (b[0], hnd(b[1]), hnd(b[2]), *b[3:])  # the engine's memory order
         if args.fp8:
-            b = (b[0], b[1].to(torch.float8_e4m3fn), b[2].to(torch.float8_e4m3fn), *b[3:])
+            b = fp8_caches(b)
             kv_bytes //= 2
         ms = do_bench(lambda: paged_attention(*b, max(ctx)))
         block_ns = (32, 64, 128) + ((256,) if args.fp8 else ())
