@@ -64,10 +64,11 @@ class SchedulerConfig:
     # device, so the host's per-step work (plan, inputs, results) is paid once per round. Tokens
     # past a stop are discarded. None: 8 on CUDA, 1 on CPU.
     num_decode_steps: int | None = None
-    # Overlap the host's work with the device's: while one multi-step decode round runs, the next
-    # round is planned and queued (fed by the first round's last tokens on the device), and the
-    # first round's results are applied while the second runs. Outputs are unchanged; a request
-    # that stops early wastes at most one round of its own rows. None: on for CUDA, off for CPU.
+    # Overlap the host's work with the device's: while one step (or multi-step decode round)
+    # runs, the next is planned and queued (its decode tokens fed by the first one's samples on
+    # the device), and the first one's results are applied while the second runs. Outputs are
+    # unchanged; a request that stops early wastes at most one step or round of its own rows.
+    # Preemption and swapping wait for a step that is not chained. None: on for CUDA, off for CPU.
     async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:

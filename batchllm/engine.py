@@ -221,15 +221,15 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run, update; returns the requests whose samples all finished this step.
 
-        With async scheduling, multi-step decode rounds are pipelined: the round after the one
-        being applied is already queued on the device, so the device never waits for the host's
-        planning and bookkeeping. `self._inflight` holds the queued round across calls."""
+        With async scheduling, steps and multi-step decode rounds are pipelined: the plan after
+        the one being applied is already queued on the device, so the device does not wait for
+        the host's planning and bookkeeping. `self._inflight` holds the queued plan across calls."""
         handle = None
         if self._inflight is not None:
             (plan, handle), self._inflight = self._inflight, None
         else:
             plan = self.scheduler.schedule()
-            if plan.num_steps > 1 and self.scheduler.config.async_scheduling:
+            if plan.chunks and self.scheduler.config.async_scheduling:
                 handle = self.runner.launch(plan)
         if handle is not None:
             self._queue_next(plan, handle)
@@ -289,7 +289,7 @@ class LLMEngine:
         return ready
 
     def _queue_next(self, plan, handle) -> None:
-        """Queue the round after `plan` (still running) on the device, if one can be planned now."""
+        """Queue the plan after `plan` (still running) on the device, if one can be planned now."""
         nxt = self.scheduler.schedule_after(plan)
         if nxt is not None:
             self._inflight = (nxt, self.runner.launch(nxt, handle))

@@ -59,10 +59,14 @@ class SchedulerOutput:
     finished_req_ids: list[str] = field(default_factory=list)  # runner drops their state
     preempted_req_ids: list[str] = field(default_factory=list)
     num_steps: int = 1  # > 1: a multi-step decode plan (every chunk is one decode token)
-    # A round chained onto the one still running (Scheduler.schedule_after): chunk i's input
-    # token is the last token sampled for the previous plan's chunk prev_rows[i], taken on the
-    # device; its token_ids hold a placeholder.
+    # A plan chained onto the one still running (Scheduler.schedule_after): where prev_rows[i]
+    # >= 0, chunk i's one input token is the last token the previous plan samples in its row
+    # prev_rows[i] (rows: its sampled chunks, in order), taken on the device; its token_ids hold
+    # a placeholder (-1). Chunks with -1 here carry their tokens.
     prev_rows: list[int] | None = None
+    # hashes of the full blocks that requests admitted in this plan compute: a request needing
+    # one of them waits until it is cached rather than computing it again
+    computing_hashes: set[int] = field(default_factory=set)
 
     @property
     def num_scheduled_tokens(self) -> int:

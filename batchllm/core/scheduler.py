@@ -49,7 +49,9 @@ class Scheduler:
         self._seq = 0
         self.num_preemptions = self.num_swapped_out = 0
         self.num_multi_step_rounds = 0
-        self.num_chained_rounds = 0  # rounds planned by schedule_after
+        self.num_chained_rounds = 0  # multi-step rounds planned by schedule_after
+        self.num_chained_steps = 0  # ordinary steps planned by schedule_after
+        self._pending_copies: list[tuple[int, int]] = []  # copy-on-write of a plan not made
         self.prefix_cache_queries = self.prefix_cache_hits = 0
 
     # ------------------------------------------------------------------ requests in / out
@@ -107,6 +109,7 @@ class Scheduler:
         return {"num_preemptions": self.num_preemptions, "num_swapped_out": self.num_swapped_out,
                 "num_multi_step_rounds": self.num_multi_step_rounds,
                 "num_chained_rounds": self.num_chained_rounds,
+                "num_chained_steps": self.num_chained_steps,
                 "prefix_cache_queries": self.prefix_cache_queries,
                 "prefix_cache_hits": self.prefix_cache_hits, "kv_cache_usage": self.kv.pool.usage,
                 "num_running": len(self.running) - sum(r.is_finished for r in self.running),
@@ -117,8 +120,8 @@ class Scheduler:
         if self._running_dirty:
             self.running = [r for r in self.running if not r.is_finished]
             self._running_dirty = False
-        plan = SchedulerOutput(finished_req_ids=self._finished_ids)
-        self._finished_ids = []
+        plan = SchedulerOutput(finished_req_ids=self._finished_ids, copy_blocks=self._pending_copies)
+        self._finished_ids, self._pending_copies = [], []
         if self._schedule_multi_step(plan):
             return plan
         budget = self.config.max_num_batched_tokens
@@ -200,53 +203,130 @@ class Scheduler:
         return self.kv.num_free_blocks >= cdiv(first.num_tokens, self.block_size) + num_running
 
     def schedule_after(self, prev: SchedulerOutput) -> SchedulerOutput | None:
-        """Plan the next multi-step decode round while `prev` (a multi-step round, not yet given
-        to `update`) still runs on the device, before its tokens are known.
+        """Plan the next step while `prev` (launched, not yet given to `update`) still runs on the
+        device, before its sampled tokens are known: a multi-step decode round when every running
+        request decodes and no waiting request could start, else an ordinary step.
 
-        Every request of `prev` that does not end by length within it goes on for up to
-        num_decode_steps more tokens, fed on the device by its last token of `prev`
-        (`plan.prev_rows`). A request that stops in `prev` for another reason (EOS, stop token,
-        stop string, abort) is finished by `update(prev)`; its rows of this round are computed
-        and ignored. Returns None when something else should come first (a waiting request
-        could be admitted, swapped requests, no room, nothing left): the caller then waits for
-        `prev`, applies it and calls `schedule()`.
+        A request's state is taken as `prev` leaves it; the one token `prev` samples last for it
+        is its input here, fed on the device (`plan.prev_rows`: its row among prev's sampled
+        rows; -1 for chunks whose tokens are known). A request that `prev` ends by length is left
+        out; one that stops in `prev` for another reason (EOS, stop token, stop string, abort) is
+        finished by `update(prev)`, and its row here is computed and ignored. Returns None when
+        something else must come first (a swapped request, a preemption for room, nothing to
+        do): the caller then waits for `prev`, applies it and calls `schedule()`.
 
-            request state now (prev not applied):  computed c, outputs o
-            after prev (k steps):                  computed c + k, outputs o + k
-            this round:                            k' = min(num_decode_steps, what max_tokens
-                                                   and the model length leave after prev)
+            request state now (prev not applied):  computed c, tokens t, outputs o
+            prev computes q tokens of it, samples s:  computed c + q + s - 1 (s > 0) or c + q,
+                                                      tokens t + s, outputs o + s
         """
-        steps = self.config.num_decode_steps or 1
-        if prev.num_steps <= 1 or steps <= 1 or self.swapped:
+        if self.swapped or not prev.chunks:
             return None
-        rows: list[tuple[int, Request, int]] = []  # (row in prev, request, steps this round)
-        for i, c in enumerate(prev.chunks):
+        if self._running_dirty:
+            self.running = [r for r in self.running if not r.is_finished]
+            self._running_dirty = False
+        ahead = self._state_after(prev)
+        plan = SchedulerOutput(copy_blocks=self._pending_copies, prev_rows=[])
+        self._pending_copies = []
+        ok = self._chain_round(plan, ahead) or self._chain_step(plan, ahead, prev)
+        if not ok:  # copy-on-write copies already made go with the next plan
+            self._pending_copies = plan.copy_blocks
+            return None
+        plan.finished_req_ids, self._finished_ids = self._finished_ids, []
+        if plan.num_steps > 1:
+            self.num_chained_rounds += 1
+        else:
+            self.num_chained_steps += 1
+        return plan
+
+    def _state_after(self, prev: SchedulerOutput) -> dict[str, tuple[int, int, int, int | None]]:
+        """The running requests of `prev` as it leaves them: request id -> (computed tokens,
+        tokens, output tokens, row of its last sampled token in prev or None). Requests that
+        prev ends by length map to None."""
+        out: dict = {}
+        row = -1
+        for c in prev.chunks:
+            row += c.sample
             req = self.requests.get(c.req_id)
             if req is None or req.status != RequestStatus.RUNNING:
                 continue
-            num_tokens = req.num_tokens + c.num_steps
-            k = self._round_steps(req, num_tokens, req.num_output_tokens + c.num_steps)
-            if k < 1 or num_tokens >= self.max_model_len:
-                continue  # ends by length within prev
-            rows.append((i, req, k))
-        if not rows or self._could_admit(len(rows)):
-            return None  # let prev finish and take an ordinary step
-        plan = SchedulerOutput(finished_req_ids=self._finished_ids, prev_rows=[])
-        for i, req, k in rows:
-            c = prev.chunks[i]
             assert req.num_computed_tokens == c.num_computed_tokens, (req, c.num_computed_tokens)
-            copies = self.kv.allocate_slots(req, c.num_steps + k)  # table covers prev already
+            added = c.num_steps if c.sample else 0
+            num_tokens, num_outputs = req.num_tokens + added, req.num_output_tokens + added
+            if added and (self._round_steps(req, num_tokens, num_outputs) < 1
+                          or num_tokens >= self.max_model_len):
+                out[c.req_id] = None  # ends by length within prev
+                continue
+            computed = c.num_computed_tokens + len(c.token_ids) + c.num_steps - 1
+            out[c.req_id] = (computed, num_tokens, num_outputs, row if c.sample else None)
+        return out
+
+    def _chain_round(self, plan: SchedulerOutput, ahead: dict) -> bool:
+        """A multi-step decode round after prev, if every running request decodes, fed by prev."""
+        steps = self.config.num_decode_steps or 1
+        if steps <= 1:
+            return False
+        rows = []
+        for req in self.running:
+            state = ahead.get(req.request_id, False)
+            if state is None or req.is_finished:
+                continue
+            if state is False or state[3] is None:
+                return False  # a request not in prev, or one still prefilling
+            rows.append((req, state))
+        if not rows or len(rows) > self.config.max_num_batched_tokens or self._could_admit(len(rows)):
+            return False
+        counts = []
+        for req, (computed, num_tokens, num_outputs, _) in rows:
+            k = self._round_steps(req, num_tokens, num_outputs)
+            copies = self.kv.allocate_slots(req, computed - req.num_computed_tokens + k)
             if copies is None:
-                return None  # blocks left over are used by the request's next steps
+                return False  # blocks already added are used by the request's next steps
             plan.copy_blocks.extend(copies)
-            plan.chunks.append(ScheduledChunk(req.request_id, [-1], c.num_computed_tokens + c.num_steps,
+            counts.append(k)
+        for (req, (computed, _, _, row)), k in zip(rows, counts):
+            plan.chunks.append(ScheduledChunk(req.request_id, [-1], computed,
                                               list(self.kv.block_ids(req.request_id)), True, k))
-            plan.prev_rows.append(i)
-        self._finished_ids = []
-        plan.num_steps = max(c.num_steps for c in plan.chunks)
+            plan.prev_rows.append(row)
+        plan.num_steps = max(counts)
         self.num_multi_step_rounds += 1
-        self.num_chained_rounds += 1
-        return plan
+        return True
+
+    def _chain_step(self, plan: SchedulerOutput, ahead: dict, prev: SchedulerOutput) -> bool:
+        """An ordinary step after prev: running requests in priority order (decodes fed by prev,
+        prefill chunks), then waiting ones, within the token budget; no preemption."""
+        budget = self.config.max_num_batched_tokens
+        for req in self.running:
+            if budget <= 0:
+                break
+            state = ahead.get(req.request_id, False)
+            if state is None or req.is_finished:
+                continue
+            if state is False:
+                state = (req.num_computed_tokens, req.num_tokens, req.num_output_tokens, None)
+            computed, num_tokens, _, row = state
+            n = min(num_tokens - computed, budget)
+            n = self.groups.cap_leader_tokens(req, computed, n)
+            if n <= 0:
+                continue
+            copies = self.kv.allocate_slots(req, computed - req.num_computed_tokens + n)
+            if copies is None:
+                return False  # room needs a preemption: leave that to schedule()
+            plan.copy_blocks.extend(copies)
+            rid = req.request_id
+            if row is not None:  # its one new token is the one prev samples last
+                assert n == 1 and computed + 1 == num_tokens
+                tokens = [-1]
+            else:
+                tokens = req.all_token_ids[computed:computed + n]
+            plan.chunks.append(ScheduledChunk(rid, tokens, computed, list(self.kv.block_ids(rid)),
+                                              computed + n == num_tokens))
+            plan.prev_rows.append(-1 if row is None else row)
+            budget -= n
+        if not self.swapped:
+            plan.computing_hashes = set(prev.computing_hashes)
+            self._schedule_waiting(plan, budget)
+            plan.prev_rows += [-1] * (len(plan.chunks) - len(plan.prev_rows))
+        return bool(plan.chunks)
 
     def _schedule_swapped(self, plan: SchedulerOutput, budget: int) -> int:
         while self.swapped and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -271,7 +351,7 @@ class Scheduler:
         deferred: list[Request] = []
         # hashes of the full blocks that requests admitted in this step compute now: a request
         # whose next uncached block is among them waits one step and then finds it in the cache
-        computing: set[int] = set()
+        computing = plan.computing_hashes
         while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
                and len(deferred) < self.config.max_num_seqs):  # bounded scan per step
             rid, req = self.waiting.popitem(last=False)

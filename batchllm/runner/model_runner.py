@@ -1,7 +1,7 @@
 """Runs one SchedulerOutput on a device: plan → flattened token batch → forward → sample → RunnerOutput."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -132,7 +132,7 @@ class ModelRunner:
     def _prefix_tensor(self, n: int) -> torch.Tensor | None:
         return self._to_device(np.array([n], dtype=np.int32)) if n else None
 
-    def _logits_eager(self, hb: HostBatch, shared_prefix_len: int = 0) -> torch.Tensor:
+    def _logits_eager(self, hb: HostBatch, input_ids: torch.Tensor, shared_prefix_len: int = 0) -> torch.Tensor:
         meta = AttentionMetadata(
             slot_mapping=self._to_device(hb.slot_mapping),
             query_start_loc=self._to_device(hb.query_start.astype(np.int32)),
@@ -141,9 +141,20 @@ class ModelRunner:
             max_query_len=hb.max_query_len, max_seq_len=int(hb.seq_lens.max()),
             shared_prefix_len=self._prefix_tensor(shared_prefix_len),
             seq_order=self._to_device(longest_first(hb.seq_lens)) if hb.is_decode else None)
-        hidden = self.model(self._to_device(hb.input_ids), self._to_device(hb.positions),
-                            self.layer_caches, meta)
+        hidden = self.model(input_ids, self._to_device(hb.positions), self.layer_caches, meta)
         return self.model.compute_logits(hidden[self._to_device(hb.logits_indices)])
+
+    def _step_logits(self, hb: HostBatch, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits of one step's sampled rows: a CUDA graph for a decode batch it covers, else eager."""
+        prefix = self._shared_prefix_len(hb.block_tables, hb.positions) if hb.is_decode else 0
+        self.num_shared_prefix_steps += prefix > 0
+        if self.graphs is not None and hb.is_decode and len(hb.seq_lens) <= self.graphs.max_batch:
+            return self.graphs.run(input_ids, self._to_device(hb.positions),
+                                   self._to_device(hb.slot_mapping),
+                                   self._to_device(hb.seq_lens.astype(np.int32)),
+                                   self._to_device(hb.block_tables.astype(np.int32)), prefix,
+                                   self._to_device(longest_first(hb.seq_lens)))
+        return self._logits_eager(hb, input_ids, prefix)
 
     def _apply_plan(self, plan: SchedulerOutput) -> None:
         """The plan's bookkeeping and block moves (swap out, swap in, copy-on-write), in order."""
@@ -167,19 +178,45 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(self, plan: SchedulerOutput, prev: "InflightRound | None" = None) -> "InflightRound":
-        """Queue a multi-step decode round on the device without waiting for it; `collect` waits.
+        """Queue a plan on the device without waiting for it; `collect` waits.
 
-        A chained plan (plan.prev_rows set) takes its input tokens from `prev`, the round queued
-        just before it, on the device. Its results are copied to pinned host memory behind an
-        event, so collecting it waits for this round only, not for rounds queued after it."""
-        assert plan.num_steps > 1 or plan.prev_rows is not None, "launch is for decode rounds"
+        A chained plan (plan.prev_rows set) takes the input tokens of its fed chunks from `prev`,
+        the plan queued just before it, on the device. The samples are copied to pinned host
+        memory behind an event, so collecting a plan waits for it only, not for plans queued
+        after it."""
         self._apply_plan(plan)
-        feed = None
+        rows = None
         if plan.prev_rows is not None:
-            assert prev is not None, "a chained plan needs the round it follows"
-            rows = self._to_device(np.asarray(plan.prev_rows, dtype=np.int64))
-            feed = prev.last_tokens.index_select(0, rows)
-        return self._launch_multi_step(plan.chunks, plan.num_steps, feed)
+            assert prev is not None, "a chained plan needs the one it follows"
+            rows = np.asarray(plan.prev_rows, dtype=np.int64)
+        if plan.num_steps > 1:
+            feed = None if rows is None else prev.last_tokens.index_select(0, self._to_device(rows))
+            return self._launch_multi_step(plan.chunks, plan.num_steps, feed)
+        return self._launch_step(plan.chunks, rows, prev)
+
+    def _launch_step(self, chunks: list[ScheduledChunk], rows: np.ndarray | None,
+                     prev: "InflightRound | None") -> "InflightRound":
+        """One ordinary step, queued: chunk i with rows[i] >= 0 is one token, the last that
+        `prev` samples in its row rows[i]."""
+        if not chunks:
+            return InflightRound.done(RunnerOutput(), self.device)
+        hb = build_host_batch(chunks, self.block_size)
+        ids = self._to_device(hb.input_ids)
+        fed = np.flatnonzero(rows >= 0) if rows is not None else np.zeros(0, dtype=np.int64)
+        if len(fed):
+            ids[self._to_device(hb.query_start[fed])] = prev.last_tokens[self._to_device(rows[fed])]
+        try:
+            logits = self._step_logits(hb, ids)
+            sample = self.sampler.sample_on_device(logits, hb.sample_req_ids) if hb.sample_req_ids else None
+        except torch.cuda.OutOfMemoryError as exc:
+            if len(fed):  # the halves run from the host's chunks: give them their fed tokens
+                last = prev.last_tokens.tolist()
+                chunks = [replace(c, token_ids=[last[r]]) if r >= 0 else c for c, r in zip(chunks, rows)]
+            return InflightRound.done(self._split(chunks, exc), self.device)
+        if sample is None:
+            return InflightRound.done(RunnerOutput(), self.device)
+        active = np.ones((1, len(hb.sample_req_ids)), dtype=bool)
+        return self._queue_results(hb.sample_req_ids, active, [sample], sample.tokens)
 
     def _run(self, chunks: list[ScheduledChunk]) -> RunnerOutput:
         """Forward and sample; on device out-of-memory, run the chunks in two halves instead.
@@ -189,28 +226,21 @@ class ModelRunner:
         try:
             return self._forward_and_sample(chunks)
         except torch.cuda.OutOfMemoryError as exc:
-            if len(chunks) == 1:
-                raise EngineFaultError(
-                    f"out of device memory even for a single request's step ({len(chunks[0].token_ids)} "
-                    "tokens); lower max_num_batched_tokens or gpu_memory_utilization") from exc
-            torch.cuda.empty_cache()
-            self.num_oom_splits += 1
-            half = len(chunks) // 2
-            first, second = self._run(chunks[:half]), self._run(chunks[half:])
-            return _merge(first, second)
+            return self._split(chunks, exc)
+
+    def _split(self, chunks: list[ScheduledChunk], exc: Exception) -> RunnerOutput:
+        if len(chunks) == 1:
+            raise EngineFaultError(
+                f"out of device memory even for a single request's step ({len(chunks[0].token_ids)} "
+                "tokens); lower max_num_batched_tokens or gpu_memory_utilization") from exc
+        torch.cuda.empty_cache()
+        self.num_oom_splits += 1
+        half = len(chunks) // 2
+        return _merge(self._run(chunks[:half]), self._run(chunks[half:]))
 
     def _forward_and_sample(self, chunks: list[ScheduledChunk]) -> RunnerOutput:
         hb = build_host_batch(chunks, self.block_size)
-        prefix = self._shared_prefix_len(hb.block_tables, hb.positions) if hb.is_decode else 0
-        self.num_shared_prefix_steps += prefix > 0
-        if self.graphs is not None and hb.is_decode and len(chunks) <= self.graphs.max_batch:
-            logits = self.graphs.run(self._to_device(hb.input_ids), self._to_device(hb.positions),
-                                     self._to_device(hb.slot_mapping),
-                                     self._to_device(hb.seq_lens.astype(np.int32)),
-                                     self._to_device(hb.block_tables.astype(np.int32)), prefix,
-                                     self._to_device(longest_first(hb.seq_lens)))
-        else:
-            logits = self._logits_eager(hb, prefix)
+        logits = self._step_logits(hb, self._to_device(hb.input_ids))
         if not hb.sample_req_ids:
             return RunnerOutput()
         result = self.sampler.sample(logits, hb.sample_req_ids)
@@ -265,6 +295,11 @@ class ModelRunner:
         # each request's last token of this round: what a chained round is fed
         tokens = torch.stack([d.tokens for d in samples])  # [steps, reqs]
         last = tokens[self._to_device(k - 1), torch.arange(num_reqs, device=tokens.device)]
+        return self._queue_results(req_ids, active, samples, last)
+
+    def _queue_results(self, req_ids: list[str], active: np.ndarray, samples: list,
+                       last: torch.Tensor) -> "InflightRound":
+        """Start copying the samples to the host behind an event; the handle `collect` takes."""
         columns = torch.stack([d.columns() for d in samples])  # [steps, reqs, columns]
         event = None
         if columns.is_cuda:
@@ -277,7 +312,9 @@ class ModelRunner:
         return InflightRound(req_ids, active, samples, last, host, event)
 
     def collect(self, round_: "InflightRound") -> RunnerOutput:
-        """Wait for a launched round (only for it) and shape its samples per request."""
+        """Wait for a launched plan (only for it) and shape its samples per request."""
+        if round_.output is not None:
+            return round_.output
         if round_.event is not None:
             round_.event.synchronize()
         req_ids, active, host = round_.req_ids, round_.active, round_.host
@@ -300,14 +337,22 @@ class ModelRunner:
 
 @dataclass(slots=True)
 class InflightRound:
-    """A multi-step decode round queued on the device: what `collect` and a chained round need."""
+    """A plan queued on the device (a multi-step decode round or one ordinary step): what
+    `collect` and a plan chained onto it need. Rows: the plan's sampled chunks, in order."""
 
     req_ids: list[str]
-    active: np.ndarray  # [steps, reqs] bool: sub-step s of request i counts
+    active: np.ndarray  # [steps, rows] bool: sub-step s of row i counts
     samples: list  # DeviceSample per sub-step (top-k shapes for the host layout)
-    last_tokens: torch.Tensor  # [reqs] on the device: each request's last token of the round
-    host: torch.Tensor  # [steps, reqs, columns]: the samples, copied (or being copied) to the host
+    last_tokens: torch.Tensor  # [rows] on the device: each row's last sampled token
+    host: torch.Tensor | None  # [steps, rows, columns]: the samples, copied (or being copied) to the host
     event: object | None  # CUDA event after the copy; None on CPU
+    output: RunnerOutput | None = None  # already on the host (a step that ran synchronously)
+
+    @staticmethod
+    def done(output: RunnerOutput, device: torch.device) -> "InflightRound":
+        last = torch.tensor(output.sampled_token_ids, dtype=torch.long, device=device)
+        return InflightRound(output.req_ids, np.ones((1, len(output.req_ids)), dtype=bool), [],
+                             last, None, None, output)
 
 
 def activation_bytes_estimate(model: torch.nn.Module, num_tokens: int, num_sampled: int) -> int:

@@ -45,9 +45,9 @@ def step(s: Scheduler, runner: FakeRunner, check: bool = True):
 
 
 class AsyncDriver:
-    """Steps a scheduler the way LLMEngine does with async scheduling: a multi-step round is
-    launched, the round after it planned (schedule_after) and launched on top of it, and only
-    then is the first one applied."""
+    """Steps a scheduler the way LLMEngine does with async scheduling: a plan is launched, the
+    plan after it planned (schedule_after) and launched on top of it, and only then is the first
+    one applied."""
 
     def __init__(self) -> None:
         self.inflight = None
@@ -60,7 +60,7 @@ class AsyncDriver:
             out = runner.collect(handle)
         else:
             plan = s.schedule()
-            if plan.num_steps > 1:
+            if plan.chunks:
                 handle = runner.launch(plan)
                 self._queue_next(s, runner, plan, handle)
                 out = runner.collect(handle)

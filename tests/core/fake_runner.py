@@ -75,17 +75,23 @@ class FakeRunner:
         return out
 
     def launch(self, plan: SchedulerOutput, prev: tuple | None = None) -> tuple:
-        """Async scheduling's launch: runs the round now (the device would run it before any
-        round queued later) and keeps each request's last token for a chained round."""
+        """Async scheduling's launch: runs the plan now (the device would run it before any plan
+        queued later) and keeps each sampled row's last token for a chained plan."""
         if plan.prev_rows is not None:
-            assert prev is not None, "a chained round needs the round it follows"
+            assert prev is not None, "a chained plan needs the plan it follows"
+            assert len(plan.prev_rows) == len(plan.chunks)
             last = prev[1]
             for c, row in zip(plan.chunks, plan.prev_rows):
-                assert c.token_ids == [-1], "a chained round's tokens come from the device"
+                if row < 0:
+                    assert -1 not in c.token_ids, "an unfed chunk carries its tokens"
+                    continue
+                assert c.token_ids == [-1], "a fed chunk's token comes from the device"
                 c.token_ids = [last[row]]
         out = self.execute(plan)
         steps = out.step_token_ids or [[t] for t in out.sampled_token_ids]
-        return out, [toks[c.num_steps - 1] for toks, c in zip(steps, plan.chunks)]
+        sampled = [c for c in plan.chunks if c.sample]
+        assert len(sampled) == len(steps)
+        return out, [toks[c.num_steps - 1] for toks, c in zip(steps, sampled)]
 
     def collect(self, handle: tuple) -> RunnerOutput:
         return handle[0]

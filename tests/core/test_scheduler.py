@@ -1,4 +1,5 @@
 from batchllm.core.request import RequestStatus
+from tests.core.invariants import check_invariants
 from tests.core.driver import add_group, drain, make, req, step
 from tests.core.fake_runner import reference_output
 
@@ -261,11 +262,43 @@ def test_a_chained_round_continues_where_the_running_one_ends():
     assert s.stats["num_chained_rounds"] == 1
 
 
-def test_no_chained_round_while_a_waiting_request_could_start():
+def test_a_waiting_request_that_fits_starts_in_a_chained_step():
     s, runner = make(num_decode_steps=4, block_size=4, max_num_seqs=4)
-    _decoding(s, runner, {"a": [1] * 6}, {"a": 30})
+    rs = _decoding(s, runner, {"a": [1] * 6}, {"a": 30})
     first = s.schedule()
     assert first.num_steps == 4
-    assert s.schedule_after(first) is not None  # nothing waits: chain
     s.add_request(req("late", [5] * 5, max_tokens=3, t=9.0))
-    assert s.schedule_after(first) is None  # it fits: apply `first`, then schedule() admits it
+    # a round would keep `late` waiting: the chained plan is an ordinary step instead, with a's
+    # next token fed by `first` and late's whole prompt
+    nxt = s.schedule_after(first)
+    assert nxt.num_steps == 1 and [c.req_id for c in nxt.chunks] == ["a", "late"]
+    a, late = nxt.chunks
+    assert a.token_ids == [-1] and a.num_computed_tokens == 6 + 4 and a.sample
+    assert late.token_ids == [5] * 5 and late.num_computed_tokens == 0 and late.sample
+    assert nxt.prev_rows == [0, -1]
+    assert [n.req_id for n in nxt.new_requests] == ["late"]
+    assert s.stats["num_chained_steps"] == 1 and s.stats["num_chained_rounds"] == 0
+    assert rs["a"].num_computed_tokens == 6  # nothing applied yet
+
+
+def test_a_chained_step_after_a_prefill_step():
+    """After a step of prefill chunks: a request whose prompt ends there decodes next, fed by
+    its sample; one cut by the budget continues with its next chunk; a request that the step
+    ends by length is left out."""
+    s, runner = make(block_size=4, caching=False, max_num_batched_tokens=10)
+    for i, (p, n) in enumerate([([1] * 4, 5), ([2] * 3, 1), ([3] * 9, 5)]):
+        s.add_request(req("abc"[i], p, max_tokens=n, t=float(i)))
+    first = s.schedule()
+    assert [(c.req_id, len(c.token_ids), c.sample) for c in first.chunks] == \
+        [("a", 4, True), ("b", 3, True), ("c", 3, False)]
+    nxt = s.schedule_after(first)
+    # b has max_tokens=1: its one token comes from `first`, so it is gone
+    got = [(c.req_id, c.token_ids, c.num_computed_tokens, c.sample) for c in nxt.chunks]
+    assert got == [("a", [-1], 4, True), ("c", [3] * 6, 3, True)]
+    assert nxt.prev_rows == [0, -1]  # a's token: row 0 of first's sampled rows (a, b)
+    out = runner.launch(first)
+    assert s.update(first, runner.collect(out))[0].request_id == "b"
+    check_invariants(s)
+    s.update(nxt, runner.collect(runner.launch(nxt, out)))
+    check_invariants(s)
+    assert s.requests["a"].num_output_tokens == 2 and s.requests["c"].num_output_tokens == 1

@@ -14,7 +14,7 @@ STATS: list[dict] = []
 def run_random(seed: int, mode: str, caching: bool, decode_steps: int = 1,
                async_rounds: bool = False) -> int:
     """Runs one random workload to the end, checking as it goes; returns its multi-step rounds
-    (with async_rounds, those chained onto a running round)."""
+    (with async_rounds, the plans chained onto a running one)."""
     rng = random.Random(seed)
     bs = rng.choice([2, 4, 8])
     num_blocks = rng.randint(6, 24)
@@ -106,10 +106,16 @@ def test_random_workloads_with_multi_step_decode(mode):
     assert sum(rounds) > 0
 
 
+@pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("mode", ["recompute", "swap", "auto"])
-def test_random_workloads_with_async_rounds(mode):
-    """The same books and outputs when each multi-step round is planned and queued before the
-    one before it is applied (aborts, EOS and waiting requests arrive while a round is queued)."""
-    rounds = [run_random(seed, mode, caching=seed % 2 == 1, decode_steps=3, async_rounds=True)
-              for seed in range(12)]
-    assert sum(rounds) > 0
+def test_random_workloads_with_async_scheduling(mode, steps):
+    """The same books and outputs when each plan (step or multi-step round) is planned and queued
+    before the one before it is applied (aborts, EOS and waiting requests arrive meanwhile)."""
+    before = len(STATS)
+    chained = [run_random(seed, mode, caching=seed % 2 == 1, decode_steps=steps, async_rounds=True)
+               for seed in range(12)]
+    runs = STATS[before:]
+    assert sum(r["num_chained_steps"] for r in runs) > 0
+    if steps > 1:
+        assert sum(r["num_chained_rounds"] for r in runs) > 0
+    assert sum(chained) == sum(r["num_chained_steps"] + r["num_chained_rounds"] for r in runs)
