@@ -25,7 +25,7 @@ from benchmarks.shapes import shape_stats, write_model_dir  # noqa: E402
 from benchmarks.workloads import WORKLOADS, Workload, build_workload, warmup_workload  # noqa: E402
 
 COUNTERS = ("num_preemptions", "prefix_cache_queries", "prefix_cache_hits", "num_prompt_tokens",
-            "num_generated_tokens", "num_shared_prefix_steps")
+            "num_generated_tokens", "num_shared_prefix_steps", "num_chained_steps", "num_chained_rounds")
 
 
 def warm_up(llm, work: Workload) -> None:

@@ -1,11 +1,12 @@
 """Sweep decode-attention launch settings on the GPU for the decode batches of the workloads.
 
-Cases (bf16, block 16, KV blocks scattered at random, head-major as the engine stores them): the 8B shape (32/8 heads, dim 128) with
+Cases (bf16 or --fp8, block 32 unless --block-size, KV blocks scattered at random, head-major as
+the engine stores them): the 8B shape (32/8 heads, dim 128) with
 512 requests at 384 tokens, the 1B shape (32/8, dim 64) with 512 at 672, the 0.6B shape (16/8,
 dim 128) with 256 requests of 100..1900 tokens. For each: KV read bandwidth of the default
 launch and of every (BLOCK_N, warps, stages, splits) tried, best first.
 
-Usage: python benchmarks/tune_decode.py [--json OUT]
+Usage: python benchmarks/tune_decode.py [--fp8] [--block-size N] [--json OUT]
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--json", default=None)
     ap.add_argument("--fp8", action="store_true", help="float8 e4m3 KV cache (kv_cache_dtype=fp8)")
+    ap.add_argument("--block-size", type=int, default=32, help="KV cache block size (tokens)")
     args = ap.parse_args()
     from triton.testing import do_bench
 
@@ -44,13 +46,12 @@ def main() -> None:
              "0.6B_256xvar": (16, 8, 128, [rng.randint(100, 1900) for _ in range(256)])}
     out: dict = {}
     for name, (h, hkv, d, ctx) in cases.items():
-        b, kv_bytes = decode_batch(h, hkv, d, ctx)
+        b, kv_bytes = decode_batch(h, hkv, d, ctx, args.block_size)
         if args.fp8:
             b = fp8_caches(b)
             kv_bytes //= 2
         ms = do_bench(lambda: paged_attention(*b, max(ctx)))
-        block_ns = (32, 64, 128) + ((256,) if args.fp8 else ())
-        rows = sweep(name, ("block_n", "warps", "stages"), dict(block_n=block_ns, warps=(2, 4, 8), stages=(2, 3, 4)),
+        rows = sweep(name, ("block_n", "warps", "stages"), dict(block_n=(16, 32, 64), warps=(1, 2), stages=(2, 3)),
                      lambda block_n, warps, stages: do_bench(lambda: paged_attention_splits(
                          *b, num_splits=1, tiles=(16, block_n, warps, stages))))
         for r in rows:

@@ -287,17 +287,24 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_
     return max(1, min(want, max_seq_len // MIN_SPLIT_TOKENS, MAX_SPLITS))
 
 
-def _tile_sizes(q: torch.Tensor, group_p: int, max_query_len: int) -> tuple[int, int, int, int]:
+def _tile_sizes(q: torch.Tensor, k_dtype: torch.dtype, group_p: int,
+                max_query_len: int) -> tuple[int, int, int, int]:
     """(BLOCK_Q, BLOCK_N, num_warps, num_stages) for this launch."""
     if q.device.type != "cuda":  # interpreter: small tiles keep the numpy emulation quick
         block_m, block_n = max(16, group_p), 16
         return max(1, block_m // group_p), block_n, 4, 1
     # decode: benchmarks/decode_layout.py on an H100 over the engine's head-major cache (the
-    # workloads' decode batches, block 16 and 32): two warps per 16-row tile beat four, most with
-    # a float8 cache (block 32: 8B shape 2.06 -> 2.32 TB/s, 1B shape 1.83 -> 2.17 TB/s of float8
-    # bytes; bf16 2.80 -> 2.82 and 2.79 -> 2.80 TB/s); prefill: tune_attention.py
+    # workloads' decode batches, block 16 and 32): two warps per 16-row tile beat four (bf16 8B
+    # shape 2.80 -> 2.82 TB/s, 1B 2.79 -> 2.80). With a float8 cache one warp beats two
+    # (tune_decode.py --fp8, block 32: 8B 2.31 -> 2.52 TB/s of float8 bytes, 1B 2.39 -> 2.39-2.45,
+    # 0.6B 1.99 either way; ncu_decode.py on W-hf's batch 2.17 -> 2.41): Nsight Compute showed the
+    # two-warp float8 program at 128 registers a thread, capping an SM at 16 warps, and issuing
+    # 38% more instructions than bf16 (shared-memory loads, address math, conversions). bf16 at
+    # head dim 64 runs the same with one warp or two. Prefill: tune_attention.py
     if max_query_len == 1:
-        return max(1, 16 // group_p), 64 if q.shape[-1] >= 128 else 32, 2, 2
+        if q.shape[-1] >= 128 and k_dtype != torch.float8_e4m3fn:
+            return max(1, 16 // group_p), 64, 2, 2
+        return max(1, 16 // group_p), 32, 1, 2
     return max(1, 64 // group_p), 32, 4, 2
 
 
@@ -316,7 +323,7 @@ def paged_attention_splits(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     group_p = triton.next_power_of_2(group)
     block_d = max(16, triton.next_power_of_2(head_dim))
     kv_fp8 = k_cache.dtype == torch.float8_e4m3fn
-    block_q, block_n, warps, stages = _tile_sizes(q, group_p, max_query_len)
+    block_q, block_n, warps, stages = _tile_sizes(q, k_cache.dtype, group_p, max_query_len)
     if tiles is not None:
         block_q, block_n, warps, stages = max(1, tiles[0] // group_p), *tiles[1:]
     num_seqs = seq_lens.shape[0]
@@ -409,7 +416,7 @@ def shared_prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         GROUP=group, GROUP_P=group_p, BLOCK_T=block_t, BLOCK_N=block_n, HEAD_DIM=head_dim,
         BLOCK_D=block_d, CACHE_BLOCK=cache_block, IEEE=ieee, KV_FP8=kv_fp8,
         num_warps=warps, num_stages=stages)
-    block_q, block_n, warps, stages = _tile_sizes(q, group_p, 1)
+    block_q, block_n, warps, stages = _tile_sizes(q, k_cache.dtype, group_p, 1)
     _paged_attention_kernel[_grid(own_splits, num_tokens, num_kv_heads)](
         q, k_cache, v_cache, part, ml, block_tables, seq_lens, query_start_loc, shared_prefix_len,
         seq_lens if seq_order is None else seq_order, float(scale), *q.stride(), *k_cache.stride(), *v_cache.stride(), *part.stride(),

@@ -46,12 +46,13 @@ def test_triton_write_matches_reference_bytes(triton_kernels, device):
     assert got[0].float().abs().max() == 448.0
 
 
-@pytest.mark.parametrize("requests", [
-    [(37, 37), (20, 1), (70, 5)],  # prefill, decode and a chunk after a cached prefix
-    [(33, 1), (64, 1), (9, 1)],  # decode only
+@pytest.mark.parametrize("requests,head_dim", [
+    ([(37, 37), (20, 1), (70, 5)], 32),  # prefill, decode and a chunk after a cached prefix
+    ([(33, 1), (64, 1), (9, 1)], 32),  # decode only
+    ([(33, 1), (64, 1), (9, 1)], 128),  # decode only, the 8B shape's head size (its own tiles)
 ])
-def test_attention_over_fp8_cache(triton_kernels, device, requests):
-    b = make_batch(requests, num_heads=8, num_kv_heads=2, head_dim=32, block_size=16,
+def test_attention_over_fp8_cache(triton_kernels, device, requests, head_dim):
+    b = make_batch(requests, num_heads=8, num_kv_heads=2, head_dim=head_dim, block_size=16,
                    dtype=torch.float32, device=torch.device("cpu"), seed=len(requests))
     fp8 = [torch.full_like(b.k_cache, float("nan"), dtype=FP8) for _ in range(2)]
     written = ~b.k_cache.isnan()
