@@ -296,8 +296,8 @@ def _tile_sizes(q: torch.Tensor, k_dtype: torch.dtype, group_p: int,
     # decode: benchmarks/decode_layout.py on an H100 over the engine's head-major cache (the
     # workloads' decode batches, block 16 and 32): two warps per 16-row tile beat four (bf16 8B
     # shape 2.80 -> 2.82 TB/s, 1B 2.79 -> 2.80). With a float8 cache one warp beats two
-    # (tune_decode.py --fp8, block 32: 8B 2.31 -> 2.52 TB/s of float8 bytes, 1B 2.39 -> 2.39-2.45,
-    # 0.6B 1.99 either way; ncu_decode.py on W-hf's batch 2.17 -> 2.41): Nsight Compute showed the
+    # (tune_decode.py --fp8, block 32: 8B 2.31 -> 2.52 TB/s of float8 bytes, 0.6B 1.99 either
+    # way; ncu_decode.py on W-hf's 1B batch 2.17 -> 2.41): Nsight Compute showed the
     # two-warp float8 program at 128 registers a thread, capping an SM at 16 warps, and issuing
     # 38% more instructions than bf16 (shared-memory loads, address math, conversions). bf16 at
     # head dim 64 runs the same with one warp or two. Prefill: tune_attention.py
