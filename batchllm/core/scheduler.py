@@ -14,7 +14,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections import OrderedDict
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 from batchllm.config import CacheConfig, SchedulerConfig
 from batchllm.core.groups import SampleGroups
@@ -26,6 +26,15 @@ from batchllm.core.swap import CpuBlockPool
 
 def _priority(r: Request) -> tuple[float, int]:
     return r.priority
+
+
+class _After(NamedTuple):
+    """A request as the plan still running leaves it (Scheduler.schedule_after)."""
+
+    computed: int  # tokens whose K/V is in the cache
+    num_tokens: int  # prompt + outputs, the last sampled one included
+    num_outputs: int
+    row: int | None  # its last sampled token's row in that plan; None: it samples none there
 
 
 class Scheduler:
@@ -117,9 +126,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ planning
     def schedule(self) -> SchedulerOutput:
-        if self._running_dirty:
-            self.running = [r for r in self.running if not r.is_finished]
-            self._running_dirty = False
+        self._drop_finished_running()
         plan = SchedulerOutput(finished_req_ids=self._finished_ids, copy_blocks=self._pending_copies)
         self._finished_ids, self._pending_copies = [], []
         if self._schedule_multi_step(plan):
@@ -131,6 +138,11 @@ class Scheduler:
             if not self.swapped:
                 self._schedule_waiting(plan, budget)
         return plan
+
+    def _drop_finished_running(self) -> None:
+        if self._running_dirty:
+            self.running = [r for r in self.running if not r.is_finished]
+            self._running_dirty = False
 
     def _schedule_running(self, plan: SchedulerOutput, budget: int) -> tuple[int, bool]:
         preempted = False
@@ -221,13 +233,11 @@ class Scheduler:
         """
         if self.swapped or not prev.chunks:
             return None
-        if self._running_dirty:
-            self.running = [r for r in self.running if not r.is_finished]
-            self._running_dirty = False
-        ahead = self._state_after(prev)
+        self._drop_finished_running()
+        ahead, ended = self._state_after(prev)
         plan = SchedulerOutput(copy_blocks=self._pending_copies, prev_rows=[])
         self._pending_copies = []
-        ok = self._chain_round(plan, ahead) or self._chain_step(plan, ahead, prev)
+        ok = self._chain_round(plan, ahead, ended) or self._chain_step(plan, ahead, ended, prev)
         if not ok:  # copy-on-write copies already made go with the next plan
             self._pending_copies = plan.copy_blocks
             return None
@@ -238,11 +248,10 @@ class Scheduler:
             self.num_chained_steps += 1
         return plan
 
-    def _state_after(self, prev: SchedulerOutput) -> dict[str, tuple[int, int, int, int | None]]:
-        """The running requests of `prev` as it leaves them: request id -> (computed tokens,
-        tokens, output tokens, row of its last sampled token in prev or None). Requests that
-        prev ends by length map to None."""
-        out: dict = {}
+    def _state_after(self, prev: SchedulerOutput) -> tuple[dict[str, "_After"], set[str]]:
+        """The running requests of `prev` as it leaves them, and the ids of those it ends by length."""
+        out: dict[str, _After] = {}
+        ended: set[str] = set()
         row = -1
         for c in prev.chunks:
             row += c.sample
@@ -254,23 +263,23 @@ class Scheduler:
             num_tokens, num_outputs = req.num_tokens + added, req.num_output_tokens + added
             if added and (self._round_steps(req, num_tokens, num_outputs) < 1
                           or num_tokens >= self.max_model_len):
-                out[c.req_id] = None  # ends by length within prev
+                ended.add(c.req_id)
                 continue
             computed = c.num_computed_tokens + len(c.token_ids) + c.num_steps - 1
-            out[c.req_id] = (computed, num_tokens, num_outputs, row if c.sample else None)
-        return out
+            out[c.req_id] = _After(computed, num_tokens, num_outputs, row if c.sample else None)
+        return out, ended
 
-    def _chain_round(self, plan: SchedulerOutput, ahead: dict) -> bool:
+    def _chain_round(self, plan: SchedulerOutput, ahead: dict[str, "_After"], ended: set[str]) -> bool:
         """A multi-step decode round after prev, if every running request decodes, fed by prev."""
         steps = self.config.num_decode_steps or 1
         if steps <= 1:
             return False
         rows = []
         for req in self.running:
-            state = ahead.get(req.request_id, False)
-            if state is None or req.is_finished:
+            if req.is_finished or req.request_id in ended:
                 continue
-            if state is False or state[3] is None:
+            state = ahead.get(req.request_id)
+            if state is None or state.row is None:
                 return False  # a request not in prev, or one still prefilling
             rows.append((req, state))
         if not rows or len(rows) > self.config.max_num_batched_tokens or self._could_admit(len(rows)):
@@ -291,18 +300,18 @@ class Scheduler:
         self.num_multi_step_rounds += 1
         return True
 
-    def _chain_step(self, plan: SchedulerOutput, ahead: dict, prev: SchedulerOutput) -> bool:
+    def _chain_step(self, plan: SchedulerOutput, ahead: dict[str, "_After"], ended: set[str],
+                    prev: SchedulerOutput) -> bool:
         """An ordinary step after prev: running requests in priority order (decodes fed by prev,
         prefill chunks), then waiting ones, within the token budget; no preemption."""
         budget = self.config.max_num_batched_tokens
         for req in self.running:
             if budget <= 0:
                 break
-            state = ahead.get(req.request_id, False)
-            if state is None or req.is_finished:
+            if req.is_finished or req.request_id in ended:
                 continue
-            if state is False:
-                state = (req.num_computed_tokens, req.num_tokens, req.num_output_tokens, None)
+            state = ahead.get(req.request_id) or _After(req.num_computed_tokens, req.num_tokens,
+                                                        req.num_output_tokens, None)
             computed, num_tokens, _, row = state
             n = min(num_tokens - computed, budget)
             n = self.groups.cap_leader_tokens(req, computed, n)
