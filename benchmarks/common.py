@@ -82,6 +82,11 @@ def timed_generate(llm: LLM, prompts: list[list[int]], output_lens: list[int],
     return time.perf_counter() - t0, outs
 
 
+def prompt_tokens(plan) -> int:
+    """Tokens of a plan's prefill chunks (any chunk but a one-token decode)."""
+    return sum(len(c.token_ids) for c in plan.chunks if len(c.token_ids) > 1 or not c.sample)
+
+
 class StepTrace:
     """Host time of each LLMEngine.step call of a run, by the kind of plan it applied: steps that
     carry prompt tokens (prefill chunks, with whatever decodes ride along) and multi-step decode
@@ -118,9 +123,8 @@ class StepTrace:
             out = self._step()
             plan = queued or latest[0]
             if plan is not None and plan.chunks:
-                prompt = sum(len(c.token_ids) for c in plan.chunks if len(c.token_ids) > 1 or not c.sample)
-                self.records.append((time.perf_counter() - t0, plan.num_steps, len(plan.chunks), prompt,
-                                     waited[0]))
+                self.records.append((time.perf_counter() - t0, plan.num_steps, len(plan.chunks),
+                                     prompt_tokens(plan), waited[0]))
             return out
 
         sched.schedule, eng.step, eng.runner.collect = schedule, step, collect

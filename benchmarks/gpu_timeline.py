@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import greedy, machine_info, make_llm, parse_sets, write_json  # noqa: E402
+from benchmarks.common import greedy, machine_info, make_llm, parse_sets, prompt_tokens, write_json  # noqa: E402
 from benchmarks.shapes import write_model_dir  # noqa: E402
 from benchmarks.step_profile import category  # noqa: E402
 from benchmarks.workloads import WORKLOADS, build_workload, warmup_workload  # noqa: E402
@@ -113,8 +113,7 @@ def main() -> None:
         def marked(fn):
             def run(plan, *a):
                 if plan.chunks:
-                    prompt = any(len(c.token_ids) > 1 or not c.sample for c in plan.chunks)
-                    kinds.append("prompt" if prompt else ("round" if plan.num_steps > 1 else "decode"))
+                    kinds.append("prompt" if prompt_tokens(plan) else ("round" if plan.num_steps > 1 else "decode"))
                     torch.cuda._sleep(1)
                 return fn(plan, *a)
             return run

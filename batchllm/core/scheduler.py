@@ -183,17 +183,28 @@ class Scheduler:
                 return False
         if self._could_admit(len(running)):
             return False  # take an ordinary step
+        return self._add_round(plan, [(req, _After(req.num_computed_tokens, req.num_tokens,
+                                                   req.num_output_tokens, None)) for req in running])
+
+    def _add_round(self, plan: SchedulerOutput, rows: list[tuple[Request, "_After"]]) -> bool:
+        """A multi-step decode round of rows, each request at its state `_After` with one token
+        left to compute (fed by the plan before where `row` is set): up to num_decode_steps
+        tokens each, fewer where max_tokens or the model length ends it sooner. Returns False
+        when blocks run short (copy-on-write copies already made stay in plan.copy_blocks)."""
         counts = []
-        for req in running:
-            k = max(self._round_steps(req, req.num_tokens, req.num_output_tokens), 1)
-            copies = self.kv.allocate_slots(req, k)
+        for req, a in rows:
+            k = max(self._round_steps(req, a.num_tokens, a.num_outputs), 1)
+            copies = self.kv.allocate_slots(req, a.computed - req.num_computed_tokens + k)
             if copies is None:
-                return False
+                return False  # blocks already added are used by the request's next steps
             plan.copy_blocks.extend(copies)
             counts.append(k)
-        for req, k in zip(running, counts):
-            self._add_chunk(plan, req, 1)
-            plan.chunks[-1].num_steps = k
+        for (req, a), k in zip(rows, counts):
+            rid = req.request_id
+            tokens = [-1] if a.row is not None else req.all_token_ids[a.computed:a.computed + 1]
+            plan.chunks.append(ScheduledChunk(rid, tokens, a.computed, list(self.kv.block_ids(rid)), True, k))
+            if plan.prev_rows is not None:
+                plan.prev_rows.append(a.row)
         plan.num_steps = max(counts)
         self.num_multi_step_rounds += 1
         return True
@@ -284,21 +295,7 @@ class Scheduler:
             rows.append((req, state))
         if not rows or len(rows) > self.config.max_num_batched_tokens or self._could_admit(len(rows)):
             return False
-        counts = []
-        for req, (computed, num_tokens, num_outputs, _) in rows:
-            k = self._round_steps(req, num_tokens, num_outputs)
-            copies = self.kv.allocate_slots(req, computed - req.num_computed_tokens + k)
-            if copies is None:
-                return False  # blocks already added are used by the request's next steps
-            plan.copy_blocks.extend(copies)
-            counts.append(k)
-        for (req, (computed, _, _, row)), k in zip(rows, counts):
-            plan.chunks.append(ScheduledChunk(req.request_id, [-1], computed,
-                                              list(self.kv.block_ids(req.request_id)), True, k))
-            plan.prev_rows.append(row)
-        plan.num_steps = max(counts)
-        self.num_multi_step_rounds += 1
-        return True
+        return self._add_round(plan, rows)
 
     def _chain_step(self, plan: SchedulerOutput, ahead: dict[str, "_After"], ended: set[str],
                     prev: SchedulerOutput) -> bool:

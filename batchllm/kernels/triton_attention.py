@@ -227,7 +227,7 @@ def _merge_splits_kernel(
              out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
-@triton.jit(do_not_specialize=["num_tokens", "num_splits", "stride_mlt", "stride_mlh", "stride_mls"])
+@triton.jit(do_not_specialize=["num_tokens"] + [a for a in _VARYING if a != "split_base"])
 def _shared_prefix_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, part_ptr, ml_ptr, block_tables_ptr, prefix_len_ptr, num_tokens,
     scale,
