@@ -1,7 +1,8 @@
 """One decoder for the Llama family: Llama 2/3/3.1/3.2, Mistral, SmolLM2, Qwen2/2.5 (q/k/v bias), Qwen3 (q/k RMSNorm).
 
-Projections are fused (q/k/v into one matrix, gate/up into one) so each layer runs four matrix
-products; `load_weights` takes the checkpoint's separate tensors by their HF names and places them.
+Assembled from batchllm.layers: fused q/k/v and gate/up projections (four matrix products a
+layer), each split for tensor parallelism by its layer; `load_weights` maps the checkpoint's
+separate tensors onto the fused parameters and lets each layer's weight_loader place its slice.
 """
 from __future__ import annotations
 
@@ -11,23 +12,24 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from batchllm.kernels import KernelSet
+from batchllm.layers.activation import SiluAndMul
 from batchllm.layers.attention import AttentionMetadata, PagedAttention
+from batchllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from batchllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from batchllm.layers.norm import RMSNorm
 from batchllm.layers.rotary import cos_sin_cache, rope_parameters
+from batchllm.models import loading
 
-
-class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float, kernels: SimpleNamespace):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps, self.kernels = eps, kernels
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        if residual is None:
-            return self.kernels.rms_norm(x, self.weight, self.eps)
-        return self.kernels.fused_add_rms_norm(x, residual, self.weight, self.eps)
+# HF checkpoint module names -> our fused module and the part each fills
+FUSED_NAMES: loading.FusedNames = {
+    "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+}
 
 
 def _family(hf_config) -> SimpleNamespace:
+    """What the family flags of a config mean for the decoder (head counts are the model's totals)."""
     model_type = getattr(hf_config, "model_type", "llama")
     num_heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
@@ -43,22 +45,56 @@ def _family(hf_config) -> SimpleNamespace:
     )
 
 
-class DecoderLayer(nn.Module):
-    def __init__(self, hf_config, f: SimpleNamespace, kernels: SimpleNamespace):
+class LlamaAttention(nn.Module):
+    """qkv projection, optional q/k norm, rotary, paged attention over this rank's heads, o projection."""
+
+    def __init__(self, hidden: int, f: SimpleNamespace, kernels: KernelSet):
         super().__init__()
-        hidden, inter = hf_config.hidden_size, hf_config.intermediate_size
-        self.f, self.kernels = f, kernels
-        self.q_size, self.kv_size = f.num_heads * f.head_dim, f.num_kv_heads * f.head_dim
-        self.self_attn = nn.Module()
-        self.self_attn.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=f.qkv_bias)
-        self.self_attn.o_proj = nn.Linear(self.q_size, hidden, bias=f.o_bias)
+        self.qkv_proj = QKVParallelLinear(hidden, f.head_dim, f.num_heads, f.num_kv_heads,
+                                          bias=f.qkv_bias)
+        self.o_proj = RowParallelLinear(f.num_heads * f.head_dim, hidden, bias=f.o_bias)
+        self.qk_norm = f.qk_norm
         if f.qk_norm:
-            self.self_attn.q_norm = RMSNorm(f.head_dim, f.eps, kernels)
-            self.self_attn.k_norm = RMSNorm(f.head_dim, f.eps, kernels)
-        self.attn = PagedAttention(f.num_heads, f.num_kv_heads, f.head_dim, kernels)
-        self.mlp = nn.Module()
-        self.mlp.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=f.mlp_bias)
-        self.mlp.down_proj = nn.Linear(inter, hidden, bias=f.mlp_bias)
+            self.q_norm = RMSNorm(f.head_dim, f.eps, kernels)
+            self.k_norm = RMSNorm(f.head_dim, f.eps, kernels)
+        qkv = self.qkv_proj  # this rank's heads
+        self.num_heads, self.num_kv_heads, self.head_dim = qkv.num_heads, qkv.num_kv_heads, f.head_dim
+        self.q_size, self.kv_size = qkv.q_size, qkv.kv_size
+        self.attn = PagedAttention(qkv.num_heads, qkv.num_kv_heads, f.head_dim, kernels)
+        self.kernels = kernels
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache,
+                meta: AttentionMetadata, cos_sin: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.kernels.rotary_embedding(q, k, positions, cos_sin)
+        o = self.attn(q, k, v.contiguous(), kv_cache, meta)
+        return self.o_proj(o.reshape(-1, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)), gate and up fused into one column-parallel product."""
+
+    def __init__(self, hidden: int, inter: int, bias: bool, kernels: KernelSet):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(hidden, [inter, inter], bias=bias)
+        self.down_proj = RowParallelLinear(inter, hidden, bias=bias)
+        self.act_fn = SiluAndMul(kernels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, hf_config, f: SimpleNamespace, kernels: KernelSet):
+        super().__init__()
+        hidden = hf_config.hidden_size
+        self.self_attn = LlamaAttention(hidden, f, kernels)
+        self.mlp = LlamaMLP(hidden, hf_config.intermediate_size, f.mlp_bias, kernels)
         self.input_layernorm = RMSNorm(hidden, f.eps, kernels)
         self.post_attention_layernorm = RMSNorm(hidden, f.eps, kernels)
 
@@ -67,27 +103,16 @@ class DecoderLayer(nn.Module):
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        f, attn = self.f, self.self_attn
-        qkv = attn.qkv_proj(hidden)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, f.num_heads, f.head_dim)
-        k = k.view(-1, f.num_kv_heads, f.head_dim)
-        v = v.view(-1, f.num_kv_heads, f.head_dim)
-        if f.qk_norm:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = self.kernels.rotary_embedding(q, k, positions, cos_sin)
-        o = self.attn(q, k, v.contiguous(), kv_cache, meta)
-        hidden = attn.o_proj(o.reshape(-1, self.q_size))
+        hidden = self.self_attn(positions, hidden, kv_cache, meta, cos_sin)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        hidden = self.mlp.down_proj(self.kernels.silu_and_mul(self.mlp.gate_up_proj(hidden)))
-        return hidden, residual
+        return self.mlp(hidden), residual
 
 
 class LlamaForCausalLM(nn.Module):
     """Decoder-only LM over a paged KV cache: forward() gives hidden states, compute_logits() logits."""
 
     def __init__(self, hf_config, dtype: torch.dtype, device: torch.device | str,
-                 kernels: SimpleNamespace | None = None):
+                 kernels: KernelSet | None = None):
         super().__init__()
         if kernels is None:
             from batchllm.kernels import get_kernels
@@ -95,21 +120,23 @@ class LlamaForCausalLM(nn.Module):
             kernels = get_kernels("torch")
         self.config, f = hf_config, _family(hf_config)
         self.family = f
+        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        vocab, hidden = hf_config.vocab_size, hf_config.hidden_size
         with torch.device("meta"):
             self.model = nn.Module()
-            self.model.embed_tokens = nn.Embedding(hf_config.vocab_size, hf_config.hidden_size)
+            self.model.embed_tokens = VocabParallelEmbedding(vocab, hidden)
             self.model.layers = nn.ModuleList(
                 DecoderLayer(hf_config, f, kernels) for _ in range(hf_config.num_hidden_layers))
-            self.model.norm = RMSNorm(hf_config.hidden_size, f.eps, kernels)
-            self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
-            if not self.tie_word_embeddings:
-                self.lm_head = nn.Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
+            self.model.norm = RMSNorm(hidden, f.eps, kernels)
+            self.lm_head = ParallelLMHead(vocab, hidden, tied=self.tie_word_embeddings)
         self.to(dtype).to_empty(device=device)
+        if self.tie_word_embeddings:  # after to_empty, which gives every parameter a new tensor
+            self.lm_head.tie_to(self.model.embed_tokens)
         max_pos = getattr(hf_config, "max_position_embeddings", 4096)
         self.cos_sin = cos_sin_cache(f.head_dim, max_pos, rope_parameters(hf_config),
                                      torch.device(device))
 
-    def use_kernels(self, kernels: SimpleNamespace) -> None:
+    def use_kernels(self, kernels: KernelSet) -> None:
         """Switch every layer to another kernel set (torch reference or Triton)."""
         for module in self.modules():
             if hasattr(module, "kernels"):
@@ -117,7 +144,8 @@ class LlamaForCausalLM(nn.Module):
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
-        return self.model.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
+        """This rank's LM head weight (the embedding's when tied)."""
+        return self.lm_head.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
@@ -131,47 +159,28 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Logits in the model's dtype (the sampler reads bf16 logits as they are; float32
         copies of a [batch, vocab] matrix cost a pass over it each step). `out`: write there."""
-        if out is None:
-            return torch.nn.functional.linear(hidden, self.lm_head_weight)
-        return torch.mm(hidden, self.lm_head_weight.t(), out=out)
+        return self.lm_head(hidden, out)
+
+    def activation_bytes(self, num_tokens: int, num_sampled: int) -> int:
+        """Device memory one full step needs beyond weights and cache, kept on the safe side:
+        a few hidden-sized and intermediate-sized activations per token, float32 logits, probs
+        and sampling noise per sampled row, and a 10% + 256 MiB margin for the allocator."""
+        cfg = self.config
+        elem = next(self.parameters()).element_size()
+        per_token = elem * (8 * cfg.hidden_size + 6 * cfg.intermediate_size)
+        logits = num_sampled * cfg.vocab_size * 4 * 4
+        return int((per_token * num_tokens + logits) * 1.1) + (256 << 20)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy checkpoint tensors (HF names) into the fused parameters; returns the names placed."""
-        params = dict(self.named_parameters())
-        f = self.family
-        q, kv = f.num_heads * f.head_dim, f.num_kv_heads * f.head_dim
-        inter = self.config.intermediate_size
-        fused = {"q_proj": ("qkv_proj", 0, q), "k_proj": ("qkv_proj", q, kv),
-                 "v_proj": ("qkv_proj", q + kv, kv), "gate_proj": ("gate_up_proj", 0, inter),
-                 "up_proj": ("gate_up_proj", inter, inter)}
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if name == "lm_head.weight" and self.tie_word_embeddings:
-                continue
-            parts = name.split(".")
-            target, rows = name, None
-            if len(parts) >= 2 and parts[-2] in fused:
-                dest, start, size = fused[parts[-2]]
-                target = ".".join(parts[:-2] + [dest, parts[-1]])
-                rows = (start, size)
-            if target not in params:
-                raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
-            param = params[target]
-            with torch.no_grad():
-                dst = param if rows is None else param.narrow(0, rows[0], rows[1])
-                if dst.shape != tensor.shape:
-                    raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                     f"expected {tuple(dst.shape)}")
-                dst.copy_(tensor.to(device=dst.device, dtype=dst.dtype))
-            loaded.add(target if rows is None else f"{target}[{rows[0]}:{rows[0] + rows[1]}]")
-        return loaded
+        """Place checkpoint tensors (HF names) through each layer's weight_loader; returns the
+        names filled (`name[start:end]` for parts of fused parameters)."""
+        return loading.load_checkpoint_weights(self, weights, FUSED_NAMES, self._skips)
+
+    def _skips(self, name: str) -> bool:
+        """Checkpoint tensors with no parameter of their own here."""
+        return "rotary_emb.inv_freq" in name or (
+            name == "lm_head.weight" and self.tie_word_embeddings)
 
     def expected_weight_count(self) -> int:
         """How many load_weights entries a complete checkpoint fills (fused parts count apiece)."""
-        n = 0
-        for name, _ in self.named_parameters():
-            n += 3 if name.endswith("qkv_proj.weight") or name.endswith("qkv_proj.bias") else (
-                2 if "gate_up_proj" in name else 1)
-        return n
+        return loading.expected_weight_count(self, FUSED_NAMES)
