@@ -1,4 +1,4 @@
-"""How a checkpoint tensor lands in a parameter: the shape check, the copy, and the shard arithmetic of tensor parallelism."""
+"""How a checkpoint tensor lands in a parameter: shape check, copy, tensor-parallel shard arithmetic."""
 from __future__ import annotations
 
 import torch

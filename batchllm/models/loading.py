@@ -1,4 +1,7 @@
-"""Checkpoint tensors (HF names) -> a model's parameters: separate projections mapped onto our fused ones, each tensor placed by its layer's weight_loader."""
+"""Checkpoint tensors (HF names) -> a model's parameters, through each layer's weight_loader.
+
+Separate checkpoint projections (q_proj, k_proj, ...) map onto our fused ones as named parts.
+"""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
