@@ -1,4 +1,8 @@
-"""run_job: the Python entry point (the CLI is a thin layer over it)."""
+"""run_job: the Python entry point (the CLI is a thin layer over it).
+
+Plan and check the job, take the output folder (lock, fingerprint, resume scan), let an executor
+(jobs/executors/: local, or one process per replica) run the incomplete units, write summary.json.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,14 +10,14 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from batchllm.jobs.checkpoint import FolderLock, claim_folder, job_details, scan_committed
-from batchllm.jobs.engine_api import EngineLike, build_engine
+from batchllm.jobs.engine_api import EngineLike
 from batchllm.jobs.errors import JobError, JobInterrupted, JobSpecError
-from batchllm.jobs.executor import JobExecutor, RunFigures, StopSignal
+from batchllm.jobs.executor import RunFigures, StopSignal
+from batchllm.jobs.executors import (Executor, LocalExecutor, MultiProcessExecutor, RunContext,
+                                     replica_devices)
 from batchllm.jobs.finalize import finalize
-from batchllm.jobs.parallel import Coordinator, worker_devices
 from batchllm.jobs.prepare import JobPlan, plan_job
-from batchllm.jobs.preprocess import Preprocessor
-from batchllm.jobs.progress import NullProgress, ProgressSink, progress_callback
+from batchllm.jobs.progress import NullProgress, ProgressSink
 from batchllm.jobs.spec import JobSpec, load_spec
 from batchllm.jobs.summary import build_summary, read_summary, write_summary
 
@@ -53,7 +57,7 @@ def run_job(spec: "str | Path | Mapping[str, Any] | JobSpec", *, overwrite: bool
     plan = plan_job(load_spec(spec, overrides))
     spec = plan.spec
     folder = Path(spec.output.path)
-    devices = _replicas(spec, engine)
+    executor = _executor_for(spec, engine, engine_factory)
     notices: list[str] = []
 
     def notice(message: str) -> None:
@@ -74,32 +78,11 @@ def run_job(spec: "str | Path | Mapping[str, Any] | JobSpec", *, overwrite: bool
             notice(f"corrupt chunk set aside, its rows will be redone: {c}")
         rows_before = committed.rows_done(plan.units)
         previous = read_summary(folder) if resumed else None
-        ex: JobExecutor | None = None
-        coord: Coordinator | None = None
         status = "failed"
         try:
-            if rows_before < plan.rows_total and len(devices) > 1:
-                coord = Coordinator(plan, committed, devices, folder=folder,
-                                    stop=stop or StopSignal(), progress=progress or NullProgress(),
-                                    rows_before=rows_before, notice=notice,
-                                    engine_factory=engine_factory)
-                coord.run()
-            elif rows_before < plan.rows_total:
-                if engine is None:
-                    engine = (engine_factory or build_engine)(spec)
-                prep = Preprocessor.for_job(spec, plan.shards, engine.tokenizer,
-                                            engine.max_model_len)
-                sink = progress or NullProgress()
-                ex = JobExecutor(
-                    shards=plan.shards, units=plan.units, committed=committed, engine=engine,
-                    prep=prep, schema=plan.schema, folder=folder,
-                    chunk_rows=spec.output.chunk_rows,
-                    commit_interval_s=spec.output.commit_interval_s,
-                    max_num_seqs=spec.max_num_seqs, stop=stop,
-                    on_progress=progress_callback(sink, rows_before, plan.rows_total,
-                                                  engine.stats))
-                with sink:
-                    ex.run()
+            if rows_before < plan.rows_total:
+                executor.run(plan, committed, RunContext(
+                    folder, stop or StopSignal(), progress or NullProgress(), rows_before, notice))
             status = "complete"
         except JobInterrupted:
             status = "interrupted"
@@ -108,10 +91,9 @@ def run_job(spec: "str | Path | Mapping[str, Any] | JobSpec", *, overwrite: bool
             e.committed = (_committed_rows(folder, plan.rows_total), plan.rows_total)
             raise
         finally:
-            figures = (ex.figures if ex is not None else coord.figures() if coord is not None
-                       else RunFigures())
-            summary = build_summary(folder, plan.rows_total, figures, previous, status,
-                                    workers=coord.worker_records() if coord is not None else None)
+            report = executor.report()
+            summary = build_summary(folder, plan.rows_total, report.figures, previous, status,
+                                    workers=report.replicas)
             if notices:
                 summary["notices"] = notices
             try:
@@ -122,17 +104,21 @@ def run_job(spec: "str | Path | Mapping[str, Any] | JobSpec", *, overwrite: bool
     return JobResult(folder, summary, files, resumed)
 
 
-def _replicas(spec: JobSpec, engine: EngineLike | None) -> list[str | None]:
-    """The engine replicas to run (engine.data_parallel_size); one means this process's engine."""
+def _executor_for(spec: JobSpec, engine: EngineLike | None,
+                  engine_factory: Callable[[JobSpec], EngineLike] | None) -> Executor:
+    """The local executor when engine.data_parallel_size resolves to one replica (this process's
+    engine), else one worker process per replica."""
     if spec.data_parallel_size == 1:
-        return [None]
-    devices = worker_devices(spec)
-    if engine is not None and len(devices) > 1:
+        return LocalExecutor(engine, engine_factory)
+    devices = replica_devices(spec)
+    if len(devices) == 1:
+        return LocalExecutor(engine, engine_factory)
+    if engine is not None:
         raise JobSpecError(f"{spec.source or 'job'}: engine.data_parallel_size="
                            f"{spec.data_parallel_size} builds one engine per worker process; it "
                            "cannot share the engine passed to run_job(engine=...). Pass "
                            "engine_factory= (a module-level function) or drop one of the two.")
-    return devices
+    return MultiProcessExecutor(devices, engine_factory)
 
 
 def _committed_rows(folder: Path, rows_total: int) -> int:

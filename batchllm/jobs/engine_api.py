@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from batchllm.config import build_engine_config
 from batchllm.core.outputs import RequestOutput
 from batchllm.jobs.errors import JobModelError
 from batchllm.jobs.preprocess import TokenizerLike
@@ -30,11 +31,10 @@ class EngineLike(Protocol):
 
 def build_engine(spec: JobSpec) -> EngineLike:
     """Load the job's model into a streaming engine (the only place jobs/ imports the engine)."""
-    from batchllm.llm import LLM
+    from batchllm.engine import LLMEngine  # here: validating a job loads no torch
 
     try:
-        llm = LLM(spec.model, tokenizer=spec.tokenizer, **spec.engine)
+        return LLMEngine(build_engine_config(spec.model, tokenizer=spec.tokenizer, **spec.engine))
     except (ValueError, RuntimeError, OSError) as e:  # ModelLoadError, ConfigError, unsupported...
         raise JobModelError(f"{spec.source or 'job'}: cannot load model {spec.model}: "
                             f"{type(e).__name__}: {e}") from e
-    return llm.engine

@@ -25,7 +25,7 @@ from tests.jobs.fake_engine import FakeEngine
 from tests.jobs.helpers import job, write_jsonl
 
 # 80 rows (the last a malformed line), 14 units of 6 rows, 2-row chunks. Both replicas get units
-# however unevenly their engines load: the coordinator keeps one unit for a replica still loading.
+# however unevenly their engines load: the unit queue keeps one unit for a replica still loading.
 JOB = dict(rows=79, max_tokens=8, unit_rows=6, max_num_seqs=2)
 TOTAL, UNITS = 80, 14
 DP2 = "engine.data_parallel_size=2"

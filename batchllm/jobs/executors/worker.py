@@ -1,6 +1,6 @@
-"""The worker process of a data-parallel job: builds its engine, asks the parent for work units,
-runs them with the ordinary JobExecutor (committing chunks itself) and reports how it ended.
-The parent side is batchllm/jobs/parallel.py."""
+"""The replica process of the multi-process executor: builds its engine, asks the driver for work
+units, runs them with the ordinary JobExecutor (committing chunks itself), reports how it ended.
+The driver side is multiprocess.py; the messages are messages.py."""
 from __future__ import annotations
 
 import os
@@ -18,6 +18,8 @@ from batchllm.jobs.checkpoint import Committed
 from batchllm.jobs.engine_api import EngineLike, build_engine
 from batchllm.jobs.errors import JobError, JobInterrupted
 from batchllm.jobs.executor import JobExecutor, RunFigures, StopSignal
+from batchllm.jobs.executors.messages import (AssignUnit, Failed, Finished, Progress, Stop,
+                                              Stopped, ToDriver, ToReplica, UnitDone, WantUnit)
 from batchllm.jobs.plan import WorkUnit
 from batchllm.jobs.preprocess import Preprocessor
 from batchllm.jobs.spec import JobSpec
@@ -39,16 +41,15 @@ class WorkerSetup:
     engine_factory: Callable[[JobSpec], EngineLike] | None
 
 
-
 class _Link:
-    """The worker's end of its pipe; any failure to talk means the parent is gone."""
+    """The worker's end of its pipe; any failure to talk means the driver is gone."""
 
     def __init__(self, conn: Connection, signum: Any) -> None:
         self.conn, self.signum = conn, signum
         self.parent = os.getppid()
         self.gone = False
 
-    def send(self, msg: tuple[Any, ...]) -> None:
+    def send(self, msg: ToDriver) -> None:
         if self.gone:
             return
         try:
@@ -56,29 +57,29 @@ class _Link:
         except (OSError, ValueError):
             self.gone = True
 
-    def ask(self, block: bool) -> tuple[Any, ...]:
-        self.send(("want", block))
+    def ask(self, block: bool) -> ToReplica:
+        self.send(WantUnit(block))
         try:
-            return self.conn.recv() if not self.gone else ("stop",)
+            return self.conn.recv() if not self.gone else Stop()
         except (EOFError, OSError):
             self.gone = True
-            return ("stop",)
+            return Stop()
 
     def stop_requested(self) -> int:
-        """The signal the parent asked us to stop with (SIGTERM if the parent is gone), else 0."""
+        """The signal the driver asked us to stop with (SIGTERM if the driver is gone), else 0."""
         if self.signum.value:
             return int(self.signum.value)
         return signal.SIGTERM if self.gone or os.getppid() != self.parent else 0
 
 
 class _UnitFeed:
-    """JobExecutor's unit_source in a worker: asks the parent for the next unit. The first ask of
-    a run waits for one; later asks (rows still in flight) take "none" for an answer."""
+    """JobExecutor's unit_source in a worker: asks the driver for the next unit. The first ask of
+    a run waits for one; later asks (rows still in flight) take NoUnit for an answer."""
 
     def __init__(self, link: _Link, committed: Committed) -> None:
         self.link, self.committed = link, committed
         self.first = True
-        self.closed = False  # the parent said stop (or is gone)
+        self.closed = False  # the driver said Stop (or is gone)
 
     def __call__(self) -> int | None:
         if self.closed or self.link.stop_requested():
@@ -86,11 +87,10 @@ class _UnitFeed:
             return None
         reply = self.link.ask(block=self.first)
         self.first = False
-        if reply[0] == "unit":
-            _, unit, state = reply
-            self.committed.units[unit] = state
-            return int(unit)
-        self.closed = reply[0] == "stop"
+        if isinstance(reply, AssignUnit):
+            self.committed.units[reply.unit] = reply.state
+            return reply.unit
+        self.closed = isinstance(reply, Stop)
         return None
 
 
@@ -104,7 +104,7 @@ def _add(total: RunFigures, part: RunFigures, stats: dict[str, Any]) -> RunFigur
 
 def worker_main(setup: WorkerSetup, conn: Connection, signum: Any) -> None:
     """A worker process: build the engine, run units until told to stop, report how it ended."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which tells us
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the driver, which tells us
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG is reported by the writer instead
     link = _Link(conn, signum)
@@ -138,7 +138,7 @@ def worker_main(setup: WorkerSetup, conn: Connection, signum: Any) -> None:
             now = time.monotonic()
             if now - last[0] >= PROGRESS_EVERY_S:
                 last[0] = now
-                link.send(("progress", so_far()))
+                link.send(Progress(so_far()))
 
         while not feed.closed:
             feed.first = True
@@ -147,15 +147,15 @@ def worker_main(setup: WorkerSetup, conn: Connection, signum: Any) -> None:
                 prep=prep, schema=setup.schema, folder=setup.folder,
                 chunk_rows=spec.output.chunk_rows, commit_interval_s=spec.output.commit_interval_s,
                 max_num_seqs=spec.max_num_seqs, stop=stop, on_progress=on_progress,
-                unit_source=feed, on_unit_complete=lambda unit: link.send(("done", unit)))
+                unit_source=feed, on_unit_complete=lambda unit: link.send(UnitDone(unit)))
             ex.run()
             total, ex = so_far(), None
-        link.send(("finished", so_far()))
+        link.send(Finished(so_far()))
     except JobInterrupted:
-        link.send(("stopped", so_far()))
+        link.send(Stopped(so_far()))
     except JobError as e:
-        link.send(("failed", so_far(), type(e).__name__, str(e)))
-    except BaseException as e:  # noqa: BLE001 - reported to the parent, which retires us
-        link.send(("failed", so_far(), type(e).__name__, f"{type(e).__name__}: {e}"))
+        link.send(Failed(so_far(), type(e).__name__, str(e)))
+    except BaseException as e:  # noqa: BLE001 - reported to the driver, which retires us
+        link.send(Failed(so_far(), type(e).__name__, f"{type(e).__name__}: {e}"))
     finally:
         conn.close()
