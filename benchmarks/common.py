@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,8 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def machine_info() -> dict:
-    """Device, library versions and commit, for the record in RESULTS.md."""
+    """Device, its ceilings (measured once per process: call this before building engines),
+    library versions and commit, for the record in RESULTS.md."""
     import transformers
+
+    from benchmarks.roofline import device_ceilings
 
     commit = os.environ.get("BATCHLLM_COMMIT", "")  # the GPU machine's copy has no .git
     try:
@@ -26,8 +31,8 @@ def machine_info() -> dict:
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return dict(device=device, torch=torch.__version__, transformers=transformers.__version__,
-                commit=commit, date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    return dict(device=device, ceilings=device_ceilings().as_dict(), torch=torch.__version__,
+                transformers=transformers.__version__, commit=commit, date=time.strftime("%Y-%m-%d %H:%M:%S"))
 
 
 # Engine settings for throughput runs (recorded in each JSON): room for 512 sequences at once
@@ -87,67 +92,98 @@ def prompt_tokens(plan) -> int:
     return sum(len(c.token_ids) for c in plan.chunks if len(c.token_ids) > 1 or not c.sample)
 
 
-class StepTrace:
-    """Host time of each LLMEngine.step call of a run, by the kind of plan it applied: steps that
-    carry prompt tokens (prefill chunks, with whatever decodes ride along) and multi-step decode
-    rounds. With async scheduling a round's step() waits for its device work, so these times add
-    up to the run's wall time and show where it goes; the part of a round's time spent waiting
-    for the device (in runner.collect) against the rest (host work: planning, bookkeeping,
-    outputs) tells whether the rounds are bound by the device or by the host.
+def patch(obj: object, name: str, fn) -> Callable[[], None]:
+    """Set `obj.name = fn` on the instance; returns the undo (which drops the instance attribute
+    again, so no bound method of the engine outlives the patch and keeps its GPU memory)."""
+    had = name in vars(obj)
+    old = vars(obj).get(name)
+    setattr(obj, name, fn)
 
-    with StepTrace(llm.engine) as trace: llm.generate(...);  trace.summary()"""
+    def undo() -> None:
+        if had:
+            setattr(obj, name, old)
+        else:
+            delattr(obj, name)
+    return undo
+
+
+@dataclass(slots=True)
+class StepRecord:
+    seconds: float        # host time of the engine.step() call
+    num_steps: int        # decode steps of the plans it applied (1 for a prompt or mixed step)
+    num_chunks: int       # requests in the largest plan it applied
+    prompt_tokens: int    # prefill tokens of the plans it applied
+    collect_s: float      # of `seconds`, time in runner.collect (device wait + reading results)
+
+
+class StepTrace:
+    """Host time of each engine.step() of a run, by the kind of plan it applied (the plans passed
+    to scheduler.update during the call): steps that carry prompt tokens (prefill chunks, with
+    whatever decodes ride along) and decode steps or multi-step rounds. These times add up to the
+    run's wall time and show where it goes; the part spent in runner.collect (waiting for the
+    device, then reading its results) against the rest (planning, bookkeeping, outputs) tells
+    whether the rounds are bound by the device or by the host.
+
+    Relies only on engine.step(), scheduler.update(plan, out), runner.collect(handle) and the
+    plan's chunks / num_steps.  with StepTrace(llm.engine) as trace: llm.generate(...); trace.summary()"""
 
     def __init__(self, engine) -> None:
         self.engine, self.records = engine, []
+        self._undo: list[Callable[[], None]] = []
 
     def __enter__(self) -> "StepTrace":
-        eng, sched = self.engine, self.engine.scheduler
-        self._step, self._schedule, self._collect = eng.step, sched.schedule, eng.runner.collect
-        latest: list = [None]
+        eng = self.engine
+        step0, update0, collect0 = eng.step, eng.scheduler.update, eng.runner.collect
+        applied: list = []
         waited = [0.0]
 
-        def collect(round_):
-            t0 = time.perf_counter()
-            if round_.event is not None:
-                round_.event.synchronize()
-            waited[0] += time.perf_counter() - t0
-            return self._collect(round_)
+        def update(plan, out):
+            if plan.chunks:
+                applied.append(plan)
+            return update0(plan, out)
 
-        def schedule():
-            latest[0] = self._schedule()
-            return latest[0]
+        def collect(handle):
+            t0 = time.perf_counter()
+            try:
+                return collect0(handle)
+            finally:
+                waited[0] += time.perf_counter() - t0
 
         def step():
-            queued = eng._inflight[0] if eng._inflight is not None else None
-            t0, waited[0] = time.perf_counter(), 0.0
-            out = self._step()
-            plan = queued or latest[0]
-            if plan is not None and plan.chunks:
-                self.records.append((time.perf_counter() - t0, plan.num_steps, len(plan.chunks),
-                                     prompt_tokens(plan), waited[0]))
+            applied.clear()
+            waited[0] = 0.0
+            t0 = time.perf_counter()
+            out = step0()
+            if applied:
+                self.records.append(StepRecord(
+                    time.perf_counter() - t0, sum(p.num_steps for p in applied),
+                    max(len(p.chunks) for p in applied), sum(prompt_tokens(p) for p in applied), waited[0]))
             return out
 
-        sched.schedule, eng.step, eng.runner.collect = schedule, step, collect
+        self._undo = [patch(eng.scheduler, "update", update), patch(eng.runner, "collect", collect),
+                      patch(eng, "step", step)]
         return self
 
     def __exit__(self, *exc) -> None:
-        self.engine.step, self.engine.scheduler.schedule = self._step, self._schedule
-        self.engine.runner.collect = self._collect
-        # the records stay; the engine (and its GPU memory) may go
-        self.engine = self._step = self._schedule = self._collect = None
+        for undo in self._undo:
+            undo()
+        self._undo = []
+        self.engine = None  # the records stay; the engine (and its GPU memory) may go
 
     def summary(self) -> dict:
-        pre = [r for r in self.records if r[3] > 0]
-        dec = [r for r in self.records if r[3] == 0]
-        dec_steps = sum(r[1] for r in dec)
+        pre = [r for r in self.records if r.prompt_tokens > 0]
+        dec = [r for r in self.records if r.prompt_tokens == 0]
+        dec_steps = sum(r.num_steps for r in dec)
+        pre_s, dec_s = sum(r.seconds for r in pre), sum(r.seconds for r in dec)
         return dict(
-            prompt_steps=dict(count=len(pre), seconds=round(sum(r[0] for r in pre), 3),
-                              prompt_tokens=sum(r[3] for r in pre),
-                              ms_each=round(1e3 * sum(r[0] for r in pre) / max(len(pre), 1), 2)),
-            decode=dict(rounds=len(dec), steps=dec_steps, seconds=round(sum(r[0] for r in dec), 3),
-                        ms_per_step=round(1e3 * sum(r[0] for r in dec) / max(dec_steps, 1), 3),
-                        device_wait_s=round(sum(r[4] for r in dec), 3),
-                        mean_batch=round(sum(r[2] * r[1] for r in dec) / max(dec_steps, 1), 1)))
+            prompt_steps=dict(count=len(pre), seconds=round(pre_s, 3),
+                              prompt_tokens=sum(r.prompt_tokens for r in pre),
+                              ms_each=round(1e3 * pre_s / max(len(pre), 1), 2),
+                              collect_s=round(sum(r.collect_s for r in pre), 3)),
+            decode=dict(rounds=len(dec), steps=dec_steps, seconds=round(dec_s, 3),
+                        ms_per_step=round(1e3 * dec_s / max(dec_steps, 1), 3),
+                        collect_s=round(sum(r.collect_s for r in dec), 3),
+                        mean_batch=round(sum(r.num_chunks * r.num_steps for r in dec) / max(dec_steps, 1), 1)))
 
 
 def rates(seconds: float, num_requests: int, prompt_tokens: int, output_tokens: int) -> dict:

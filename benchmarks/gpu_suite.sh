@@ -2,7 +2,8 @@
 # GPU suite: kernel tests on CUDA, correctness against HF, kernel and throughput benchmarks.
 # Usage: benchmarks/gpu_suite.sh OUTDIR [STEP ...]
 #   steps (default: all, in this order): tests parity kernels hf W-8B W-nano W-prefix W-pressure
-#   (also: profile, W-hf)
+#   (also: profile = step_profile.py per shape, timeline = step_profile.py --workload W-hf, W-hf)
+# Old code against new, side by side: benchmarks/ab.py (not a step: it needs the old tree).
 # Each step writes OUTDIR/<step>.log (and a JSON where it has figures); a short table comes last.
 # At the end the JSONs are merged into OUTDIR/all_results.json and everything is packed into
 # OUTDIR/bundle.tgz (two files: the device tool returns at most eight).
@@ -33,17 +34,22 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > 
 for step in $STEPS; do
   case $step in
     tests)   run_step tests $PY -m pytest tests/kernels -q -rs ;;
-    parity)  if [ -f benchmarks/gpu_parity.py ]; then
-               run_step parity $PY benchmarks/gpu_parity.py --json "$OUT/parity.json"
-             else echo "== parity: benchmarks/gpu_parity.py not present, skipped"; fi ;;
-    kernels) run_step kernels $PY benchmarks/kernel_bench.py --json "$OUT/kernels.json" ;;
+    parity)  run_step parity $PY -m pytest tests/gpu -q -s -rs -m gpu
+             # each case prints "PARITY {json}": collect them for the table and all_results.json
+             grep -o 'PARITY {.*}' "$OUT/parity.log" | cut -c8- | $PY -c \
+               'import json, sys; print(json.dumps({"results": [json.loads(l) for l in sys.stdin]}, indent=1))' \
+               > "$OUT/parity.json" ;;
+    kernels) run_step kernels $PY benchmarks/kernel_tune.py --case overview --json "$OUT/kernels.json" ;;
     profile) run_step profile $PY benchmarks/step_profile.py --json "$OUT/profile.json" ;;
+    timeline) run_step timeline $PY benchmarks/step_profile.py --workload W-hf --json "$OUT/timeline.json" ;;
     hf)      run_step W-hf-side-by-side $PY benchmarks/hf_side_by_side.py --json "$OUT/W-hf-side-by-side.json" ;;
     W-*)     run_step "$step" $PY benchmarks/throughput.py --workload "$step" --json "$OUT/$step.json" ;;
-    *)       echo "unknown step $step (tests parity kernels hf W-8B W-nano W-hf W-prefix W-pressure)"; status=1 ;;
+    *)       echo "unknown step $step (tests parity kernels profile timeline hf W-8B W-nano W-hf W-prefix W-pressure)"; status=1 ;;
   esac
 done
-grep -E "passed|failed|error" "$OUT/tests.log" 2>/dev/null | tail -n 1
+for log in tests parity; do
+  grep -E "passed|failed|error|skipped" "$OUT/$log.log" 2>/dev/null | tail -n 1 | sed "s/^/$log: /"
+done
 $PY benchmarks/summarize.py "$OUT"
 # Only a few files come back from the GPU machine: merge every JSON into all_results.json and
 # pack everything (logs included) into bundle.tgz; the loose files are removed unless KEEP_RAW=1.

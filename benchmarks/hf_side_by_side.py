@@ -88,6 +88,7 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("hf_side_by_side.py needs a CUDA GPU")
+    info = machine_info()  # device ceilings, measured before any model takes memory
     work = build_workload("W-hf")
     prompts, out_lens = work.prompts[:args.num_prompts], work.output_lens[:args.num_prompts]
     max_new = out_lens[0]
@@ -140,7 +141,7 @@ def main() -> None:
     figures["greedy_first16_agreement_with_hf"] = round(
         sum(a[:16] == b[:16] for a, b in zip(ours, hf_tokens)) / len(ours), 3)
     write_json(args.json, dict(workload="W-hf", shape=work.shape, num_requests=len(prompts),
-                               prompt_tokens=n_prompt, **machine_info(), figures=figures))
+                               prompt_tokens=n_prompt, **info, figures=figures))
 
 
 if __name__ == "__main__":

@@ -1,15 +1,21 @@
-"""The physical floor of a workload's time on the benchmark GPU (BENCHMARKS.md, "Roofline").
+"""The device's ceilings (bf16 matmul rate, copy bandwidth) and the physical floor of a workload's
+time on it (BENCHMARKS.md, "Roofline").
+
+Ceilings are measured once per process on the device the benchmark runs on (an 8192^3 bf16
+matrix product and a 1 GiB device-to-device copy, about two seconds); where measuring fails, a
+table by device name gives them. Every benchmark JSON records the ceilings it used.
 
 compute floor = (2 x non-embedding params x processed tokens + 2 x vocab x hidden x sampled
-tokens) / 792 TFLOP/s. Processed tokens are the prompt tokens the engine must compute (minus those
+tokens) / matmul rate. Processed tokens are the prompt tokens the engine must compute (minus those
 served from the prefix cache) plus every generated token but the last of each request; each
 generated token needs one row of logits.
 
-memory floor = sum over decode steps of (weight bytes + KV bytes of the running requests) / 3.0 TB/s.
-The step count is estimated by replaying the workload through an ideal continuous batcher:
-requests enter in order as soon as one of `max_num_seqs` slots is free, each decodes one token per
-step until its output length is reached, and the KV cache never runs out. The replay ignores
-prefill steps (they are compute-bound and counted in the compute floor), so it is a lower bound.
+memory floor = sum over decode steps of (weight bytes + KV bytes of the running requests) / copy
+bandwidth. The step count is estimated by replaying the workload through an ideal continuous
+batcher: requests enter in order as soon as one of `max_num_seqs` slots is free, each decodes one
+token per step until its output length is reached, and the KV cache never runs out. The replay
+ignores prefill steps (they are compute-bound and counted in the compute floor), so it is a
+lower bound.
 
 With `shared_prefix_len`, the memory floor of an engine that reads a prefix shared by every
 running request once per step (shared-prefix attention) instead of once per request: that is
@@ -17,12 +23,100 @@ the floor such a run is held to; BENCHMARKS.md's definition reads every request'
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 
 from benchmarks.shapes import ShapeStats
 
-PEAK_FLOPS = 792e12    # bf16 matmul, measured on the H100
-PEAK_BYTES = 3.0e12    # device-to-device copy, measured on the H100
+# Measured on the GPU machines (GPU.md): bf16 8192^3 matmul FLOP/s, device-to-device copy bytes/s
+# (read + write). Keys are matched as substrings of torch.cuda.get_device_name().
+KNOWN_CEILINGS: dict[str, tuple[float, float]] = {
+    "H200": (803e12, 4.27e12),
+    "H100 80GB": (792e12, 3.0e12),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Ceilings:
+    device: str
+    matmul_flops: float  # bf16 matrix product, FLOP/s
+    copy_bytes: float    # device-to-device copy, bytes read + written per second
+    source: str          # "measured" or "table"
+
+    def as_dict(self) -> dict:
+        return dict(asdict(self), matmul_tflops=round(self.matmul_flops / 1e12, 1),
+                    copy_tbps=round(self.copy_bytes / 1e12, 3))
+
+
+_CEILINGS: dict[str, Ceilings] = {}
+
+
+def table_ceilings(device: str) -> Ceilings | None:
+    """The table's ceilings for a device name, or None when the name is not in it."""
+    for key, (flops, nbytes) in KNOWN_CEILINGS.items():
+        if key.lower() in device.lower():
+            return Ceilings(device, flops, nbytes, "table")
+    return None
+
+
+def _best_rate(fn, work: float, sync, repeats: int = 5, iters: int = 10) -> float:
+    """The best of `repeats` timings of `iters` calls, as work per second."""
+    fn()
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        sync()
+        best = min(best, (time.perf_counter() - t0) / iters)
+    return work / best
+
+
+def measure_ceilings(device: str = "cuda") -> Ceilings:
+    """Matmul rate and copy bandwidth measured now (a small problem on CPU, where they only make
+    a smoke run's floor finite)."""
+    import torch
+
+    cuda = device.startswith("cuda")
+    n, copy_bytes = (8192, 1 << 30) if cuda else (512, 1 << 24)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    if cuda:  # let the clocks come up before timing
+        end = time.perf_counter() + 0.5
+        while time.perf_counter() < end:
+            a @ b
+            sync()
+    flops = _best_rate(lambda: a @ b, 2.0 * n ** 3, sync)
+    del a, b
+    src = torch.empty(copy_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    nbytes = _best_rate(lambda: dst.copy_(src), 2.0 * copy_bytes, sync)
+    del src, dst
+    name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    return Ceilings(name, flops, nbytes, "measured")
+
+
+def device_ceilings() -> Ceilings:
+    """This process's device ceilings: measured on first use (CUDA if present, else CPU), from the
+    table by device name if measuring fails; cached for the rest of the process."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in _CEILINGS:
+        try:
+            _CEILINGS[device] = measure_ceilings(device)
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+            name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+            known = table_ceilings(name)
+            if known is None:
+                raise RuntimeError(f"could not measure the ceilings of {name} ({exc}) and the table "
+                                   f"has no entry for it; add one to KNOWN_CEILINGS in "
+                                   f"benchmarks/roofline.py") from exc
+            _CEILINGS[device] = known
+    return _CEILINGS[device]
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,13 +152,14 @@ def decode_steps_and_kv_reads(prompt_lens: list[int], output_lens: list[int], ma
     return steps, float(kv_tokens) * kv_bytes_per_token
 
 
-def workload_floor(stats: ShapeStats, prompt_lens: list[int], output_lens: list[int],
+def workload_floor(stats: ShapeStats, prompt_lens: list[int], output_lens: list[int], ceilings: Ceilings,
                    cached_prompt_tokens: int = 0, max_num_seqs: int = 256,
                    shared_prefix_len: int = 0) -> Floor:
+    """The floor of a workload on a device with these ceilings (see the module doc)."""
     processed = sum(prompt_lens) - cached_prompt_tokens + sum(output_lens) - len(output_lens)
     sampled = sum(output_lens)
     flops = 2.0 * stats.non_embedding_params * processed + 2.0 * stats.vocab * stats.hidden * sampled
     steps, kv_bytes = decode_steps_and_kv_reads(prompt_lens, output_lens, max_num_seqs,
                                                 stats.kv_bytes_per_token, shared_prefix_len)
     memory = steps * stats.weight_bytes_per_step + kv_bytes
-    return Floor(flops / PEAK_FLOPS, memory / PEAK_BYTES, steps)
+    return Floor(flops / ceilings.matmul_flops, memory / ceilings.copy_bytes, steps)

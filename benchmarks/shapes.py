@@ -27,6 +27,10 @@ SHAPES: dict[str, dict] = {
                        rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=40960,
                        attention_bias=False, bos_token_id=151643, eos_token_id=151645,
                        initializer_range=0.02, torch_dtype="bfloat16", use_cache=True),
+    # not in BENCHMARKS.md: a smoke-test shape for CPU runs of the scripts (its vocabulary holds
+    # every workload's token ids)
+    "Tiny": dict(_LLAMA, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=16, intermediate_size=128, vocab_size=151936, tie_word_embeddings=True),
 }
 
 

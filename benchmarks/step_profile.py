@@ -1,16 +1,24 @@
-"""Where one step's time goes, per BENCHMARKS.md shape: decode rounds and a prefill step.
+"""Where the device's time goes: per BENCHMARKS.md shape (decode rounds, a prefill step, GEMMs), or
+over one timed pass of a workload (busy against idle per kind of plan).
 
-For each shape, an engine on dummy weights is filled with requests whose context matches the
-workload (8B: 512 x 384 tokens; 1B: 512 x 672; 0.6B: 256 x 900), prefilled, then:
-- decode rounds are timed through LLMEngine.step, with async scheduling off and on, for each
-  num_decode_steps setting;
-- three decode rounds and one 16k-token prefill step are profiled on the device, kernel time
-  summed by category (GEMM, attention, KV write, norms, rotary, activation, logits/sampler,
-  copies, other), with the device's busy time against the wall time (the gap is the GPU idle);
-- single matrix products of the shape's layers are timed at the decode batch (TFLOP/s).
+Per shape (default): an engine on dummy weights is filled with requests whose context matches the
+workload (8B: 512 x 384 tokens; 1B: 512 x 672; 0.6B: 256 x 900), prefilled; then decode rounds
+are timed through engine.step() with async scheduling off and on, for each num_decode_steps;
+three decode rounds and one 16k-token prefill step are profiled on the device (kernel time by
+category: GEMM, attention, KV write, norms, rotary, activation, sampler, copies, other; busy
+against wall: the gap is the GPU idle); the shape's matrix products are timed at the decode batch.
 
-Usage: python benchmarks/step_profile.py [--shapes 8B 1B 0.6B] [--prompt-len 1024]
+Timeline (--workload W): a warm-up pass, then one timed pass under the profiler with a marker
+kernel queued before each plan the runner launches. Per kind of plan (prompt steps, multi-step
+decode rounds, single decode steps): device time from marker to marker, the busy part, the idle
+rest (what overlapping host and device work can still win), time by kernel category; and the
+host's calls into the CUDA runtime (a long cudaFree or synchronize is where the host stalled).
+
+Relies on engine.step(), add_request, stats(), scheduler.update, runner.launch / execute and the
+plans' chunks / num_steps only.
+Usage: python benchmarks/step_profile.py [--shapes 8B 1B 0.6B] [--steps 8] [--prompt-len 1024]
        [--set kv_cache_dtype=fp8] [--json OUT.json]
+       python benchmarks/step_profile.py --workload W-hf [--set KEY=VALUE ...] [--json OUT.json]
 """
 from __future__ import annotations
 
@@ -25,9 +33,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (THROUGHPUT_ENGINE, greedy, machine_info, make_llm, parse_sets,  # noqa: E402
-                               release)
+from benchmarks.common import (THROUGHPUT_ENGINE, greedy, machine_info, make_llm, parse_sets, patch,  # noqa: E402
+                               prompt_tokens, release, write_json)
 from benchmarks.shapes import SHAPES, write_model_dir  # noqa: E402
+from benchmarks.workloads import WORKLOADS, build_workload, warmup_workload  # noqa: E402
 
 CASES = {  # shape -> (name, decode batch, context at which decode is measured)
     "8B": ("Llama-3.1-8B", 512, 384),
@@ -45,6 +54,8 @@ CATEGORIES = (
     ("sampler", ("argmax", "logsumexp", "reduce", "softmax", "gather", "topk", "exp", "log")),
     ("copies", ("copy", "memcpy", "memset", "fill", "cat", "index", "elementwise")),
 )
+MARKER = "spin_kernel"  # torch.cuda._sleep queues it: before each plan, it marks where the plan starts
+SLOW_API_MS = 1.0  # host calls into the CUDA runtime at least this long are listed one by one
 
 
 def category(name: str) -> str:
@@ -53,6 +64,10 @@ def category(name: str) -> str:
         if any(k in low for k in keys):
             return cat
     return "other"
+
+
+def _ms(d: dict[str, float], top: int | None = None) -> dict[str, float]:
+    return {k: round(v / 1e3, 3) for k, v in sorted(d.items(), key=lambda x: -x[1])[:top]}
 
 
 def device_breakdown(fn) -> dict:
@@ -72,35 +87,46 @@ def device_breakdown(fn) -> dict:
         us = ev.device_time if hasattr(ev, "device_time") else ev.cuda_time
         by_cat[category(ev.name)] = by_cat.get(category(ev.name), 0.0) + us
         top[ev.name[:90]] = top.get(ev.name[:90], 0.0) + us
-    busy = sum(by_cat.values()) / 1e3
-    return dict(wall_ms=round(wall * 1e3, 3), device_busy_ms=round(busy, 3),
-                by_category_ms={k: round(v / 1e3, 3) for k, v in sorted(by_cat.items(), key=lambda x: -x[1])},
-                top_kernels_ms={k: round(v / 1e3, 3) for k, v in sorted(top.items(), key=lambda x: -x[1])[:14]})
+    return dict(wall_ms=round(wall * 1e3, 3), device_busy_ms=round(sum(by_cat.values()) / 1e3, 3),
+                by_category_ms=_ms(by_cat), top_kernels_ms=_ms(top, 14))
 
 
-def fill(eng, num_reqs: int, ctx: int, max_tokens: int = 4000) -> None:
+def fill(eng, num_reqs: int, ctx: int, max_tokens: int = 4000, max_calls: int = 10_000) -> None:
+    """Add num_reqs requests of ctx random tokens and step until a step applies a plan that decodes
+    all of them (every prompt is in the KV cache)."""
     g = torch.Generator().manual_seed(0)
     for i in range(num_reqs):
         eng.add_request(f"r{i}", torch.randint(100, 100000, (ctx,), generator=g).tolist(), greedy(max_tokens))
-    while eng.scheduler.waiting or any(r.num_computed_tokens < r.num_tokens - 1 for r in eng.scheduler.running):
-        eng.step()
+    applied: list = []
+    update0 = eng.scheduler.update
+    undo = patch(eng.scheduler, "update", lambda plan, out: (applied.append(plan), update0(plan, out))[1])
+    try:
+        for _ in range(max_calls):
+            applied.clear()
+            eng.step()
+            if any(len(p.chunks) == num_reqs and not prompt_tokens(p) for p in applied):
+                return
+    finally:
+        undo()
+    raise RuntimeError(f"{num_reqs} requests of {ctx} tokens never decoded together; raise max_num_seqs "
+                       f"(--set max_num_seqs=...) or lower the batch")
 
 
 def decode_case(model_dir: Path, batch: int, ctx: int, steps: int, async_on: bool, rounds: int = 6) -> dict:
-    """Decode rounds through LLMEngine.step (so async scheduling pipelines them as in a run)."""
+    """Decode rounds through engine.step() (so async scheduling pipelines them as in a run)."""
     llm = make_llm(model_dir, num_decode_steps=steps, async_scheduling=async_on)
     eng = llm.engine
     fill(eng, batch, ctx)
     for _ in range(2):
         eng.step()
     torch.cuda.synchronize()
-    before = sum(r.num_output_tokens for r in eng.scheduler.running)
+    before = eng.stats()["num_generated_tokens"]
     t0 = time.perf_counter()
     for _ in range(rounds):
         eng.step()
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0
-    tokens = sum(r.num_output_tokens for r in eng.scheduler.running) - before
+    tokens = eng.stats()["num_generated_tokens"] - before
     res = dict(num_decode_steps=steps, async_scheduling=async_on, batch=batch, context=ctx,
                ms_per_decode_step=round(wall / (tokens / batch) * 1e3, 3),
                decode_tok_per_s=round(tokens / wall, 1),
@@ -111,23 +137,19 @@ def decode_case(model_dir: Path, batch: int, ctx: int, steps: int, async_on: boo
 
 
 def prefill_case(model_dir: Path, num_tokens: int = 16384, prompt_len: int = 1024) -> dict:
+    """One eager prefill step of num_tokens (prompts of prompt_len), after a warm-up pass."""
     llm = make_llm(model_dir, max_num_batched_tokens=num_tokens, enforce_eager=True)
-    eng = llm.engine
     g = torch.Generator().manual_seed(1)
+    n = num_tokens // prompt_len
 
-    def add(tag: str) -> None:
-        for i in range(num_tokens // prompt_len):
-            eng.add_request(f"{tag}{i}", torch.randint(100, 100000, (prompt_len,), generator=g).tolist(),
-                            greedy(1))
+    def prompts() -> list[list[int]]:
+        return [torch.randint(100, 100000, (prompt_len,), generator=g).tolist() for _ in range(n)]
 
-    add("w")
-    while eng.has_unfinished_requests():
-        eng.step()
-    add("p")
-    res = device_breakdown(lambda: eng.step())
-    while eng.has_unfinished_requests():
-        eng.step()
-    del llm, eng
+    llm.generate(prompts(), greedy(1))
+    for i, p in enumerate(prompts()):
+        llm.engine.add_request(f"p{i}", p, greedy(1))
+    res = device_breakdown(lambda: llm.engine.step())
+    del llm
     release()
     return dict(num_tokens=num_tokens, prompt_len=prompt_len, **res)
 
@@ -149,16 +171,126 @@ def gemm_case(shape: str, m: int) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------- timeline
+def runtime_calls(prof, t0: float) -> dict:
+    """CUDA runtime calls on the host (allocations, synchronizations, copies): count and total
+    time per name, and the slow ones with their time since the first kernel (ms)."""
+    per: dict[str, tuple[int, float]] = {}
+    slow = []
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA or not ev.name.startswith("cuda"):
+            continue
+        ms = (ev.time_range.end - ev.time_range.start) / 1e3
+        n, total = per.get(ev.name, (0, 0.0))
+        per[ev.name] = (n + 1, total + ms)
+        if ms >= SLOW_API_MS:
+            slow.append(dict(name=ev.name, ms=round(ms, 2), at_ms=round((ev.time_range.start - t0) / 1e3, 1)))
+    return dict(by_name={k: dict(count=n, ms=round(t, 2)) for k, (n, t) in
+                         sorted(per.items(), key=lambda x: -x[1][1])[:12]},
+                slow=sorted(slow, key=lambda x: x["at_ms"])[:40])
+
+
+def plans_on_device(kernels: list[tuple[float, float, str]], kinds: list[str]) -> list[dict]:
+    """Cut the timeline (kernels as (start us, end us, name), in start order) at the marker
+    kernels: plan i runs from its marker to the next one."""
+    marks = [i for i, k in enumerate(kernels) if MARKER in k[2].lower()]
+    if len(marks) != len(kinds):
+        raise RuntimeError(f"{len(marks)} marker kernels on the device for {len(kinds)} plans launched")
+    plans = []
+    for j, (i, kind) in enumerate(zip(marks, kinds)):
+        stop = marks[j + 1] if j + 1 < len(marks) else len(kernels)
+        ks = kernels[i + 1:stop]
+        if not ks:
+            continue
+        nxt = kernels[stop][0] if stop < len(kernels) else ks[-1][1]
+        busy, end = 0.0, ks[0][0]
+        for s, e, _ in ks:
+            if e > end:
+                busy += e - max(s, end)
+                end = e
+        plans.append(dict(kind=kind, start=kernels[i][0], span=nxt - kernels[i][0], busy=busy, kernels=ks))
+    return plans
+
+
+def summarize_kind(plans: list[dict], kind: str) -> dict:
+    ps = [p for p in plans if p["kind"] == kind]
+    if not ps:
+        return {}
+    by_cat: dict[str, float] = {}
+    for p in ps:
+        for s, e, name in p["kernels"]:
+            by_cat[category(name)] = by_cat.get(category(name), 0.0) + (e - s)
+    span, busy = sum(p["span"] for p in ps), sum(p["busy"] for p in ps)
+    return dict(count=len(ps), span_ms=round(span / 1e3, 2), busy_ms=round(busy / 1e3, 2),
+                idle_ms=round((span - busy) / 1e3, 2),
+                span_ms_each=[round(p["span"] / 1e3, 2) for p in ps][:12],
+                idle_ms_each=[round((p["span"] - p["busy"]) / 1e3, 2) for p in ps][:12],
+                by_category_ms={k: round(v, 2) for k, v in _ms(by_cat).items()})
+
+
+def timeline(workload: str, settings: dict) -> dict:
+    work = build_workload(workload)
+    with tempfile.TemporaryDirectory() as tmp:
+        llm = make_llm(write_model_dir(work.shape, Path(tmp)), **settings)
+        eng = llm.engine
+        warm_p, warm_o = warmup_workload(work)  # other prompts: the timed pass finds no cached prefix
+        llm.generate(warm_p, [greedy(n) for n in warm_o])
+        kinds: list[str] = []
+        last: list = [None]
+
+        def marked(fn):
+            def run(plan, *a, **kw):
+                if plan.chunks and plan is not last[0]:  # execute may launch the same plan: mark once
+                    last[0] = plan
+                    kinds.append("prompt" if prompt_tokens(plan) else ("round" if plan.num_steps > 1 else "decode"))
+                    torch.cuda._sleep(1)
+                return fn(plan, *a, **kw)
+            return run
+
+        undo = [patch(eng.runner, "launch", marked(eng.runner.launch)),
+                patch(eng.runner, "execute", marked(eng.runner.execute))]
+        before = dict(eng.stats())
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            llm.generate(work.prompts, [greedy(n) for n in work.output_lens])
+            torch.cuda.synchronize()
+        for u in undo:
+            u()
+        stats = {k: v - before.get(k, 0) for k, v in eng.stats().items()
+                 if isinstance(v, int) and not k.startswith(("num_gpu", "num_cpu"))}
+        del llm, eng
+        release()
+    kernels = sorted((ev.time_range.start, ev.time_range.end, ev.name) for ev in prof.events()
+                     if ev.device_type == torch.autograd.DeviceType.CUDA)
+    plans = plans_on_device(kernels, kinds)
+    t0 = kernels[0][0]
+    return dict(workload=workload, stats=stats, device_wall_ms=round((kernels[-1][1] - t0) / 1e3, 2),
+                prompt_steps=summarize_kind(plans, "prompt"), decode_rounds=summarize_kind(plans, "round"),
+                decode_steps=summarize_kind(plans, "decode"),
+                plan_starts_ms=[dict(kind=p["kind"], at_ms=round((p["start"] - t0) / 1e3, 1))
+                                for p in plans if p["kind"] == "prompt"],
+                runtime_calls=runtime_calls(prof, t0))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", nargs="*", default=list(CASES))
-    ap.add_argument("--steps", nargs="*", type=int, default=[8])
+    ap.add_argument("--workload", default=None, choices=WORKLOADS, help="timeline of this workload's timed pass")
+    ap.add_argument("--shapes", nargs="*", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--steps", nargs="*", type=int, default=[8], help="num_decode_steps settings to time")
     ap.add_argument("--prompt-len", type=int, default=1024, help="prompt length of the prefill step")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="engine setting for every case (e.g. kv_cache_dtype=fp8)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    THROUGHPUT_ENGINE.update(parse_sets(args.set))
+    if not torch.cuda.is_available():
+        raise SystemExit("step_profile.py profiles CUDA kernels: it needs a CUDA GPU")
+    settings = parse_sets(args.set)
+    info = machine_info()
+    if args.workload:
+        write_json(args.json, dict(**info, settings=settings, **timeline(args.workload, settings)))
+        return
+    THROUGHPUT_ENGINE.update(settings)
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.shapes:
@@ -169,9 +301,7 @@ def main() -> None:
             r["prefill"] = prefill_case(model_dir, prompt_len=args.prompt_len)
             results[key] = r
             print(json.dumps(r, indent=1), flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(dict(**machine_info(), engine_settings=THROUGHPUT_ENGINE,
-                                                   results=results), indent=2))
+    write_json(args.json, dict(**info, engine_settings=THROUGHPUT_ENGINE, results=results))
 
 
 if __name__ == "__main__":

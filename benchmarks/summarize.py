@@ -39,31 +39,65 @@ def _rows(name: str, data: dict) -> list[tuple[str, str]]:
         rows.append(("ratio", f"batchllm / HF generate {f.get('batchllm_over_hf_generate')}x, "
                               f"/ generate_batch {f.get('batchllm_over_hf_generate_batch')}x"))
     elif name == "kernels":
-        rows.extend((k, str(v)) for k, v in f.items())
+        rows.extend((k, str(v)) for k, v in f.get("overview", f).items())
     else:
         line(name, f)
     return rows
 
 
+def _parity(data: dict) -> list[tuple[str, str]]:
+    rows = data.get("results", [])
+    f32 = [r for r in rows if r.get("dtype") == "float32"]
+    b16 = [r for r in rows if r.get("dtype") == "bfloat16"]
+    ok32 = sum(bool(r.get("greedy_equal")) and r.get("max_logit_err", 1) < 1e-3 for r in f32)
+    ok16 = sum(r.get("max_logit_err", 1e9) <= r.get("bound", 0) for r in b16)
+    return [("parity", f"float32 greedy = HF generate in {ok32}/{len(f32)} cases, bf16 logits within "
+                       f"bound in {ok16}/{len(b16)} (tests/gpu/test_parity.py)")]
+
+
+def _timeline(data: dict) -> list[tuple[str, str]]:
+    rows = [("timeline", f"{data.get('workload')}: device wall {data.get('device_wall_ms')} ms")]
+    for kind in ("prompt_steps", "decode_rounds", "decode_steps"):
+        k = data.get(kind) or {}
+        if k:
+            rows.append((f"  {kind}", f"{k['count']} x, span {k['span_ms']} ms, busy {k['busy_ms']}, "
+                                      f"idle {k['idle_ms']}"))
+    return rows
+
+
 def main(outdir: str) -> None:
     rows: list[tuple[str, str]] = []
-    device = ""
+    devices: dict[str, str] = {}
     for path in sorted(Path(outdir).glob("*.json")):
+        if path.name == "all_results.json":
+            continue
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError:
             rows.append((path.stem, "unreadable JSON"))
             continue
-        device = data.get("device", device)
-        if "figures" not in data:  # another script's format (e.g. gpu_parity): show its head
+        c = data.get("ceilings")
+        if c:
+            devices[data.get("device", "?")] = (f"{c.get('matmul_tflops')} TFLOP/s bf16, "
+                                                f"{c.get('copy_tbps')} TB/s copy ({c.get('source')})")
+        if path.stem == "parity":
+            rows.extend(_parity(data))
+        elif path.stem == "timeline":
+            rows.extend(_timeline(data))
+        elif "figures" not in data:  # another format: show its head
             rows.append((path.stem, json.dumps(data)[:110]))
-            continue
-        rows.extend(_rows(path.stem, data))
+        else:
+            rows.extend(_rows(path.stem, data))
     width = max((len(r[0]) for r in rows), default=10)
-    print(f"== results ({device}) ==")
+    print("== results ==")
+    for device, ceilings in devices.items():
+        print(f"device {device}: ceilings {ceilings}")
     for label, text in rows:
         print(f"{label:<{width}}  {text}")
 
 
 if __name__ == "__main__":
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print(f"usage: python benchmarks/summarize.py [OUTDIR]\n{__doc__}")
+        sys.exit(0)
     main(sys.argv[1] if len(sys.argv) > 1 else ".")

@@ -1,8 +1,11 @@
 """Throughput of one BENCHMARKS.md workload: warm-up excluded, one timed pass, roofline ratio.
 
 Usage: python benchmarks/throughput.py --workload W-8B|W-nano|W-hf|W-prefix|W-pressure [--json OUT]
+       [--set KEY=VALUE ...] [--num-prompts N] [--shape NAME]
 W-prefix runs with prefix caching on and off; W-pressure caps the KV cache to 1/4 of need and
-runs every preemption mode against an unconstrained greedy run.
+runs every preemption mode against an unconstrained greedy run. The floor uses the ceilings of
+the device it runs on (benchmarks/roofline.py), recorded in the JSON.
+Smoke run on CPU: --set device=cpu --shape Tiny --num-prompts 8 (figures mean nothing there).
 """
 from __future__ import annotations
 
@@ -20,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (THROUGHPUT_ENGINE, StepTrace, count_output_tokens, greedy,  # noqa: E402
                                machine_info, make_llm, parse_sets, rates, release, timed_generate,
                                write_json)
-from benchmarks.roofline import workload_floor
-from benchmarks.shapes import shape_stats, write_model_dir  # noqa: E402
+from benchmarks.roofline import device_ceilings, workload_floor  # noqa: E402
+from benchmarks.shapes import SHAPES, shape_stats, write_model_dir  # noqa: E402
 from benchmarks.workloads import WORKLOADS, Workload, build_workload, warmup_workload  # noqa: E402
 
 COUNTERS = ("num_preemptions", "prefix_cache_queries", "prefix_cache_hits", "num_prompt_tokens",
@@ -47,7 +50,7 @@ def run_once(model_dir: Path, work: Workload, logprobs: int | None = None, **eng
     errors = [o.outputs[0].finish_reason for o in outs if o.outputs[0].finish_reason == "error"]
     result = dict(rates(seconds, len(outs), work.num_prompt_tokens, count_output_tokens(outs)),
                   stats=delta, num_errors=len(errors), engine=engine_kwargs, startup_s=round(startup, 2),
-                  kv_blocks=getattr(llm.engine, "num_blocks", None), steps=trace.summary())
+                  kv_blocks=after.get("num_gpu_blocks"), steps=trace.summary())
     tokens = [list(o.outputs[0].token_ids) for o in outs]
     top = [o.outputs[0].top_logprobs for o in outs] if logprobs else None
     del llm
@@ -60,7 +63,7 @@ def _floor(work: Workload, cached: int = 0, shared_prefix_len: int = 0):
     stats = shape_stats(work.shape)
     if str(THROUGHPUT_ENGINE.get("kv_cache_dtype", "auto")).startswith("fp8"):
         stats = dataclasses.replace(stats, kv_bytes_per_token=stats.kv_bytes_per_token // 2)
-    return workload_floor(stats, [len(p) for p in work.prompts], work.output_lens,
+    return workload_floor(stats, [len(p) for p in work.prompts], work.output_lens, device_ceilings(),
                           cached_prompt_tokens=cached, shared_prefix_len=shared_prefix_len,
                           max_num_seqs=int(THROUGHPUT_ENGINE.get("max_num_seqs", 256)))
 
@@ -116,12 +119,11 @@ def fp32_equality(model_dir: Path, work: Workload, n: int = 128) -> dict:
     of tokens whether or not anything was preempted. float32 rounding is ~1e5 times smaller."""
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    n = min(n, len(work.prompts))
-    sub = Workload(work.name, work.shape, work.prompts[:n], work.output_lens[:n])
+    sub = truncated(work, n)
     _, cap = _capped_blocks(sub, sub.prompts)
     ref = run_once(model_dir, sub, logprobs=2, dtype="float32")
     base = ref["tokens"]
-    report: dict = dict(num_requests=n, blocks_capped=cap)
+    report: dict = dict(num_requests=len(sub.prompts), blocks_capped=cap)
     for mode in ("recompute", "swap", "auto"):
         run = run_once(model_dir, sub, dtype="float32", num_gpu_blocks_override=cap, preemption_mode=mode)
         report[mode] = dict(_compare(run["tokens"], base),
@@ -155,17 +157,30 @@ def bench_pressure(model_dir: Path, work: Workload) -> dict:
     return report
 
 
+def truncated(work: Workload, n: int | None) -> Workload:
+    """The first n requests of a workload (all of them when n is None)."""
+    n = len(work.prompts) if n is None else min(n, len(work.prompts))
+    return Workload(work.name, work.shape, work.prompts[:n], work.output_lens[:n], work.shared_prefix_len)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", required=True, choices=WORKLOADS)
     ap.add_argument("--json", default=None, help="write the figures here as JSON")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="engine setting for every run (e.g. num_decode_steps=1)")
+                    help="engine setting for every run (e.g. num_decode_steps=1, device=cpu)")
+    ap.add_argument("--num-prompts", type=int, default=None, help="first N requests only (quick runs)")
+    ap.add_argument("--shape", default=None, choices=list(SHAPES),
+                    help="run the workload's prompts on another shape (Tiny: CPU smoke runs)")
     args = ap.parse_args()
     THROUGHPUT_ENGINE.update(parse_sets(args.set))
-    if not torch.cuda.is_available():
-        raise SystemExit("throughput.py needs a CUDA GPU (the figures are GPU figures)")
-    work = build_workload(args.workload)
+    if not torch.cuda.is_available() and THROUGHPUT_ENGINE.get("device") != "cpu":
+        raise SystemExit("throughput.py needs a CUDA GPU (the figures are GPU figures); for a smoke "
+                         "run on CPU pass --set device=cpu --shape Tiny --num-prompts 8")
+    info = machine_info()  # measures the device's ceilings before any engine takes its memory
+    work = truncated(build_workload(args.workload), args.num_prompts)
+    if args.shape:
+        work.shape = args.shape
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_model_dir(work.shape, Path(tmp))
         if args.workload == "W-prefix":
@@ -176,7 +191,7 @@ def main() -> None:
             figures = bench_plain(model_dir, work)
     write_json(args.json, dict(workload=args.workload, shape=work.shape, num_requests=len(work.prompts),
                                prompt_tokens=work.num_prompt_tokens, output_tokens=work.num_output_tokens,
-                               engine_settings=THROUGHPUT_ENGINE, **machine_info(), figures=figures))
+                               engine_settings=THROUGHPUT_ENGINE, **info, figures=figures))
 
 
 if __name__ == "__main__":
