@@ -118,8 +118,16 @@ class EngineConfig:
     # least 256 tokens, the batch has 8 or more requests and sharing at least halves the keys the
     # batch reads). Outputs equal within rounding.
     cascade_attention: bool = True
+    # ...used when at least this many leading keys are shared and the batch has at least this
+    # many requests (below, the merge costs about what the shared read saves)
+    cascade_min_tokens: int = 256
+    cascade_min_reqs: int = 8
 
     def __post_init__(self) -> None:
+        _check(self.cascade_min_tokens > 0, "cascade_min_tokens", self.cascade_min_tokens,
+               "a positive integer")
+        _check(self.cascade_min_reqs > 1, "cascade_min_reqs", self.cascade_min_reqs,
+               "an integer > 1")
         _check(self.device in DEVICES or self.device.startswith("cuda:"), "device", self.device,
                "auto | cpu | cuda | cuda:N")
         _check(self.attention_backend in ATTENTION_BACKENDS, "attention_backend",
@@ -132,7 +140,8 @@ def engine_config_field_names() -> dict[str, type]:
     for cls in (ModelConfig, CacheConfig, SchedulerConfig):
         for f in fields(cls):
             out[f.name] = cls
-    for name in ("device", "attention_backend", "enforce_eager", "cascade_attention"):
+    for name in ("device", "attention_backend", "enforce_eager", "cascade_attention",
+                 "cascade_min_tokens", "cascade_min_reqs"):
         out[name] = EngineConfig
     return out
 

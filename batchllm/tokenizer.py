@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from batchllm.core.stop import find_stop_string  # noqa: F401  (re-exported: stop strings live with the stop rules)
+
 # Tokens of context kept before the unread ones when decoding incrementally: enough for a
 # tokenizer to decide on a leading space or to complete a multi-byte character.
 _CONTEXT_TOKENS = 6
@@ -119,27 +121,3 @@ class IncrementalDetokenizer:
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._ids)
         return delta
-
-
-def find_stop_string(text: str, stop: list[str], include_stop_str_in_output: bool = False,
-                     new_text_len: int | None = None) -> tuple[str, str | None]:
-    """Earliest stop string in `text`: (text cut at it, the stop string), or (text, None).
-
-    With `new_text_len`, only matches that end inside the last `new_text_len` characters are
-    looked for (older text was checked on earlier calls). The stop string itself is cut off
-    unless `include_stop_str_in_output`.
-    """
-    if not stop:
-        return text, None
-    start = 0
-    if new_text_len is not None:
-        start = max(0, len(text) - new_text_len - max(len(s) for s in stop) + 1)
-    best: tuple[int, str] | None = None
-    for s in stop:
-        idx = text.find(s, start)
-        if idx != -1 and (best is None or idx < best[0]):
-            best = (idx, s)
-    if best is None:
-        return text, None
-    idx, s = best
-    return text[:idx + len(s) if include_stop_str_in_output else idx], s

@@ -7,7 +7,8 @@ A request's table covers its computed tokens plus the tokens scheduled this step
 
 `allocate_slots` returns None when the pool has no room (the scheduler's cue to preempt) and
 otherwise the copy-on-write copies the step needs. Blocks are hashed and entered in the prefix
-cache only once their K/V is computed (`cache_computed_blocks`, after the step).
+cache only once their K/V is computed (`cache_computed_blocks`, when the step's results are
+back).
 """
 from __future__ import annotations
 
@@ -111,15 +112,16 @@ class KVCacheManager:
         self.ids[request.request_id] = [b.block_id for b in new]
         return self.ids[request.request_id]
 
-    def cache_computed_blocks(self, request: Request) -> None:
-        """Enter the request's newly computed full blocks in the prefix cache."""
+    def cache_computed_blocks(self, request: Request, num_tokens: int) -> None:
+        """Enter the request's full blocks among its first `num_tokens` tokens (computed, and
+        known: not placeholders) in the prefix cache."""
         if not self.enable_caching:
             return
         rid = request.request_id
         table = self.tables.get(rid)
         if not table:
             return
-        n_full = min(request.num_computed_tokens // self.block_size, len(table))
+        n_full = min(num_tokens // self.block_size, len(table))
         start = self.num_hashed.get(rid, 0)
         if n_full <= start:
             return

@@ -59,13 +59,13 @@ class SchedulerOutput:
     finished_req_ids: list[str] = field(default_factory=list)  # runner drops their state
     preempted_req_ids: list[str] = field(default_factory=list)
     num_steps: int = 1  # > 1: a multi-step decode plan (every chunk is one decode token)
-    # A plan chained onto the one still running (Scheduler.schedule_after): where prev_rows[i]
-    # >= 0, chunk i's one input token is the last token the previous plan samples in its row
-    # prev_rows[i] (rows: its sampled chunks, in order), taken on the device; its token_ids hold
-    # a placeholder (-1). Chunks with -1 here carry their tokens.
+    # A plan made while the one before it still runs: where prev_rows[i] >= 0, chunk i's last
+    # input token is still a placeholder (-1 in token_ids): the last token the previous plan
+    # samples in its row prev_rows[i] (rows: its sampled chunks, in order), taken on the
+    # device. None when every chunk carries its tokens.
     prev_rows: list[int] | None = None
-    # hashes of the full blocks that requests admitted in this plan compute: a request needing
-    # one of them waits until it is cached rather than computing it again
+    # hashes of the full blocks that requests admitted in this plan compute (Scheduler keeps
+    # them until the plan's results are applied and the blocks cached)
     computing_hashes: set[int] = field(default_factory=set)
 
     @property
@@ -79,18 +79,17 @@ class SchedulerOutput:
 
 @dataclass(slots=True)
 class RunnerOutput:
-    """Tokens sampled this step, one per chunk with `sample=True`, in `req_ids` order."""
+    """A plan's samples, per request that samples (chunks with `sample=True`, in plan order).
+
+    token_ids[i] holds the tokens request req_ids[i] sampled, one per step it ran (one for an
+    ordinary step, `chunk.num_steps` in a multi-step decode round); logprobs[i][j] is log p of
+    token_ids[i][j] and top_logprobs[i][j] maps ids to log p (when some request asked)."""
 
     req_ids: list[str] = field(default_factory=list)
-    sampled_token_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] | None = None  # log p of each sampled token (after temperature=1 softmax)
-    top_logprobs: list[dict[int, float]] | None = None  # when some request asked for logprobs > 0
+    token_ids: list[list[int]] = field(default_factory=list)
+    logprobs: list[list[float]] | None = None  # log p of each sampled token (temperature 1 softmax)
+    top_logprobs: list[list[dict[int, float]]] | None = None
     errors: dict[str, str] = field(default_factory=dict)  # req_id -> why it failed (NaN logits…)
-    # Multi-step plans: per request, the token (and log p, top log-probs) of every sub-step;
-    # only the first `chunk.num_steps` entries of each request are meaningful.
-    step_token_ids: list[list[int]] | None = None
-    step_logprobs: list[list[float]] | None = None
-    step_top_logprobs: list[list[dict[int, float]]] | None = None
 
 
 @dataclass(slots=True)

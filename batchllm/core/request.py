@@ -7,7 +7,12 @@ Token regions of a request (prompt and outputs are one sequence to the scheduler
     |<---- num_computed_tokens ---->|  (K/V in the cache)          |
 
 Each step the scheduler catches num_computed_tokens up towards num_tokens; a step whose chunk
-reaches num_tokens samples one more output token.
+reaches num_tokens samples one more output token. num_computed_tokens advances when a step is
+planned; the tokens that step samples are placeholders until its results come back:
+
+    |<---------------- num_planned_tokens ---------------->|
+    |<------------ num_tokens ------------>|<placeholders>|
+    |<------- num_computed_tokens (planned) ------->|      |  (the last token: next input)
 """
 from __future__ import annotations
 
@@ -69,7 +74,7 @@ class Request:
     __slots__ = ("request_id", "group_id", "sample_index", "prompt_token_ids", "output_token_ids",
                  "all_token_ids", "sampling_params", "eos_token_id", "seed", "num_computed_tokens",
                  "num_cached_tokens", "status", "stop_reason", "error", "metrics", "block_hashes",
-                 "priority", "was_scheduled", "num_preemptions")
+                 "priority", "was_scheduled", "num_preemptions", "num_output_placeholders")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
                  arrival_time: float, eos_token_id: int | None = None, group_id: str | None = None,
@@ -93,10 +98,22 @@ class Request:
         self.priority: tuple[float, int] = (arrival_time, 0)  # lower runs first; set by scheduler
         self.was_scheduled = False  # NewRequestData sent to the runner
         self.num_preemptions = 0
+        # tokens that plans already scheduled (and still running) sample for this request:
+        # counted ahead as placeholders, filled in by Scheduler.update
+        self.num_output_placeholders = 0
 
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def num_planned_tokens(self) -> int:
+        """Tokens the request will have once the plans already scheduled return."""
+        return len(self.all_token_ids) + self.num_output_placeholders
+
+    @property
+    def num_planned_outputs(self) -> int:
+        return len(self.output_token_ids) + self.num_output_placeholders
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -137,22 +154,6 @@ class Request:
             chunk = tuple(self.all_token_ids[i * block_size:(i + 1) * block_size])
             hashes.append(hash_block(parent, chunk, extra))
         return hashes
-
-    def check_stop(self, max_model_len: int) -> RequestStatus | None:
-        """After appending a token: the finished status it causes, or None (sets stop_reason)."""
-        params = self.sampling_params
-        last = self.output_token_ids[-1]
-        if self.num_output_tokens >= params.min_tokens:
-            if not params.ignore_eos and self.eos_token_id is not None and last == self.eos_token_id:
-                return RequestStatus.FINISHED_STOPPED
-            if last in params.stop_token_ids:
-                self.stop_reason = last
-                return RequestStatus.FINISHED_STOPPED
-        if params.max_tokens is not None and self.num_output_tokens >= params.max_tokens:
-            return RequestStatus.FINISHED_LENGTH
-        if self.num_tokens >= max_model_len:
-            return RequestStatus.FINISHED_LENGTH
-        return None
 
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, status={self.status.name}, tokens={self.num_tokens}, "

@@ -1,13 +1,7 @@
-"""KV cache storage: sized from measured free memory, paged GPU blocks plus a CPU pool for swapping."""
+"""KV cache storage: paged device blocks plus a CPU pool for swapping (sized by runner/memory.py)."""
 from __future__ import annotations
 
 import torch
-
-
-def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
-                    dtype: torch.dtype) -> int:
-    """K and V of one block across all layers."""
-    return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
 class KVCache:
@@ -17,7 +11,7 @@ class KVCache:
     of kernels/reference.py), but its bytes sit as [blocks, kv_heads, block_size, head_dim]: the
     keys one KV head reads from a block are one contiguous run. The kernels follow strides, so
     only the memory order differs; decode attention reads it up to 15% faster on an H100
-    (benchmarks/decode_layout.py: a float8 cache at head dim 64; 0-5% at head dim 128 or bf16).
+    (a float8 cache at head dim 64; 0-5% at head dim 128 or bf16).
 
     Storage: [layers, 2, blocks, kv_heads, block_size, head_dim]. Swap and copy-on-write move
     whole blocks across every layer in one indexed copy.
@@ -65,15 +59,3 @@ class KVCache:
         src = self._index([p[0] for p in pairs], self.device)
         dst = self._index([p[1] for p in pairs], self.device)
         self._gpu_bytes[:, :, dst] = self._gpu_bytes[:, :, src]
-
-
-def num_device_blocks(device: torch.device, block_bytes: int, gpu_memory_utilization: float,
-                      cpu_kv_cache_bytes: int | None, activation_peak_bytes: int) -> int:
-    """How many blocks fit: on CUDA, the card's share minus what is in use now (weights, other
-    processes) minus the activations a full step needs; on CPU, the configured budget (1 GiB)."""
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(device)
-        budget = int(total * gpu_memory_utilization) - (total - free) - activation_peak_bytes
-        return max(budget // block_bytes, 0)
-    return max((cpu_kv_cache_bytes or (1 << 30)) // block_bytes, 0)

@@ -46,35 +46,27 @@ def step(s: Scheduler, runner: FakeRunner, check: bool = True):
 
 class AsyncDriver:
     """Steps a scheduler the way LLMEngine does with async scheduling: a plan is launched, the
-    plan after it planned (schedule_after) and launched on top of it, and only then is the first
-    one applied."""
+    plan after it scheduled (before the first one's results are applied) and launched on top of
+    it, and only then is the first one applied."""
 
     def __init__(self) -> None:
         self.inflight = None
+        self.num_ahead = 0  # plans with work scheduled before the plan before them was applied
 
     def step(self, s: Scheduler, runner: FakeRunner, check: bool = True):
-        if self.inflight is not None:
-            plan, handle = self.inflight
-            self.inflight = None
-            self._queue_next(s, runner, plan, handle)
-            out = runner.collect(handle)
-        else:
+        if self.inflight is None:
             plan = s.schedule()
-            if plan.chunks:
-                handle = runner.launch(plan)
-                self._queue_next(s, runner, plan, handle)
-                out = runner.collect(handle)
-            else:
-                out = runner.execute(plan)
-        finished = s.update(plan, out)
+            handle = runner.launch(plan)
+        else:
+            (plan, handle), self.inflight = self.inflight, None
+        if plan.chunks:
+            nxt = s.schedule()
+            self.num_ahead += bool(nxt.chunks)
+            self.inflight = (nxt, runner.launch(nxt, handle))
+        finished = s.update(plan, runner.collect(handle))
         if check:
             check_invariants(s)
         return plan, finished
-
-    def _queue_next(self, s: Scheduler, runner: FakeRunner, plan, handle) -> None:
-        nxt = s.schedule_after(plan)
-        if nxt is not None:
-            self.inflight = (nxt, runner.launch(nxt, handle))
 
 
 def drain(s: Scheduler, runner: FakeRunner, max_steps: int = 10_000, check: bool = True) -> dict:

@@ -71,27 +71,29 @@ class FakeRunner:
             end = c.num_computed_tokens + len(c.token_ids)
             ctx = [self.gpu[c.block_table[p // self.bs]][p % self.bs] for p in range(end)]
             out.req_ids.append(c.req_id)
-            out.sampled_token_ids.append(next_token(ctx, self.seeds[c.req_id], self.vocab))
+            out.token_ids.append([next_token(ctx, self.seeds[c.req_id], self.vocab)])
         return out
 
     def launch(self, plan: SchedulerOutput, prev: tuple | None = None) -> tuple:
         """Async scheduling's launch: runs the plan now (the device would run it before any plan
-        queued later) and keeps each sampled row's last token for a chained plan."""
+        queued later) and keeps each sampled row's last token for the plan after it."""
         if plan.prev_rows is not None:
-            assert prev is not None, "a chained plan needs the plan it follows"
+            assert prev is not None, "a plan with placeholder inputs needs the plan before it"
             assert len(plan.prev_rows) == len(plan.chunks)
             last = prev[1]
             for c, row in zip(plan.chunks, plan.prev_rows):
                 if row < 0:
                     assert -1 not in c.token_ids, "an unfed chunk carries its tokens"
                     continue
-                assert c.token_ids == [-1], "a fed chunk's token comes from the device"
-                c.token_ids = [last[row]]
+                assert c.token_ids[-1] == -1 and -1 not in c.token_ids[:-1], \
+                    "only a chunk's last input comes from the device"
+                c.token_ids = c.token_ids[:-1] + [last[row]]
+        else:
+            assert all(-1 not in c.token_ids for c in plan.chunks)
         out = self.execute(plan)
-        steps = out.step_token_ids or [[t] for t in out.sampled_token_ids]
         sampled = [c for c in plan.chunks if c.sample]
-        assert len(sampled) == len(steps)
-        return out, [toks[c.num_steps - 1] for toks, c in zip(steps, sampled)]
+        assert len(sampled) == len(out.token_ids)
+        return out, [toks[c.num_steps - 1] for toks, c in zip(out.token_ids, sampled)]
 
     def collect(self, handle: tuple) -> RunnerOutput:
         return handle[0]
@@ -99,7 +101,7 @@ class FakeRunner:
     def _multi_step(self, plan: SchedulerOutput) -> RunnerOutput:
         """Several decode steps: each sub-step writes the token fed in and samples from the
         context read back through the block table; a request stops after its num_steps."""
-        out = RunnerOutput(step_token_ids=[])
+        out = RunnerOutput()
         for c in plan.chunks:
             assert len(c.token_ids) == 1 and c.sample and 1 <= c.num_steps <= plan.num_steps
             end = c.num_computed_tokens + c.num_steps
@@ -111,8 +113,6 @@ class FakeRunner:
                 ctx = [self.gpu[c.block_table[q // self.bs]][q % self.bs] for q in range(p + 1)]
                 tok = next_token(ctx, self.seeds[c.req_id], self.vocab)
                 tokens.append(tok)
-            tokens += [tokens[-1]] * (plan.num_steps - c.num_steps)  # inactive sub-steps
             out.req_ids.append(c.req_id)
-            out.sampled_token_ids.append(tokens[0])
-            out.step_token_ids.append(tokens)
+            out.token_ids.append(tokens)
         return out

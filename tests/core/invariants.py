@@ -27,6 +27,9 @@ def check_invariants(s: Scheduler) -> None:
     assert len(running) <= s.config.max_num_seqs
     queued = [r.request_id for r in running] + list(s.waiting) + list(s.swapped)
     assert sorted(queued) == sorted(s.requests), "a request is lost or in two queues"
+    for r in s.requests.values():
+        assert r.num_output_placeholders >= 0, r
+        assert r.num_computed_tokens < r.num_planned_tokens, f"{r}: computed past its last token"
     for r in running:
         assert r.status == RequestStatus.RUNNING and r.request_id not in s.cpu.tables
         assert s.kv.num_blocks_of(r.request_id) * s.block_size >= r.num_computed_tokens

@@ -5,7 +5,7 @@ from tests.core.driver import req
 def computed(kv: KVCacheManager, r, n: int) -> None:
     """Pretend the runner computed the request's first n tokens."""
     r.num_computed_tokens = n
-    kv.cache_computed_blocks(r)
+    kv.cache_computed_blocks(r, n)
 
 
 def test_prefix_hit_exact_blocks_and_eviction_order():

@@ -240,37 +240,46 @@ def _decoding(s, runner, prompts: dict, max_tokens: dict) -> dict:
     return rs
 
 
-def test_a_chained_round_continues_where_the_running_one_ends():
+def test_a_round_planned_ahead_continues_where_the_running_one_ends():
     s, runner = make(num_decode_steps=4, block_size=4, caching=False)
     rs = _decoding(s, runner, {"a": [1] * 6, "b": [2] * 9, "c": [3] * 3}, {"a": 20, "b": 4, "c": 7})
     first = s.schedule()
     assert first.num_steps == 4 and first.prev_rows is None
     steps = {c.req_id: c.num_steps for c in first.chunks}
     assert steps == {"a": 4, "b": 3, "c": 4}  # b has 3 tokens left: it ends within this round
-    nxt = s.schedule_after(first)
-    # b is gone from the chained round; a and c go on from where `first` leaves them, fed by the
+    nxt = s.schedule()  # before first's results are back
+    # b is gone from the next round; a and c go on from where `first` leaves them, fed by the
     # last token `first` samples for them (rows of `first`), with blocks for both rounds
     rows = {c.req_id: first.chunks[row].req_id for c, row in zip(nxt.chunks, nxt.prev_rows)}
     assert rows == {"a": "a", "c": "c"}
     for c in nxt.chunks:
         prev = next(p for p in first.chunks if p.req_id == c.req_id)
         assert c.num_computed_tokens == prev.num_computed_tokens + prev.num_steps
+        assert c.token_ids == [-1]
         assert len(c.block_table) * 4 >= c.num_computed_tokens + c.num_steps
     assert {c.req_id: c.num_steps for c in nxt.chunks} == {"a": 4, "c": 2}  # c: 7 tokens in all
-    # nothing was applied yet: the requests still stand where `first` started
-    assert rs["a"].num_output_tokens == 1 and rs["a"].num_computed_tokens == 6
+    # no results yet: the sampled tokens are placeholders
+    assert rs["a"].num_output_tokens == 1 and rs["a"].num_output_placeholders == 8
     assert s.stats["num_chained_rounds"] == 1
+    out = runner.launch(first)
+    s.update(first, runner.collect(out))
+    s.update(nxt, runner.collect(runner.launch(nxt, out)))
+    check_invariants(s)
+    assert rs["a"].num_output_tokens == 9 and rs["a"].num_output_placeholders == 0
+    assert rs["b"].output_token_ids == reference_output([2] * 9, None, V, 4)
+    assert rs["c"].output_token_ids == reference_output([3] * 3, None, V, 7)
+    assert rs["a"].output_token_ids == reference_output([1] * 6, None, V, 20)[:9]
 
 
-def test_a_waiting_request_that_fits_starts_in_a_chained_step():
+def test_a_waiting_request_that_fits_starts_in_a_step_planned_ahead():
     s, runner = make(num_decode_steps=4, block_size=4, max_num_seqs=4)
     rs = _decoding(s, runner, {"a": [1] * 6}, {"a": 30})
     first = s.schedule()
     assert first.num_steps == 4
     s.add_request(req("late", [5] * 5, max_tokens=3, t=9.0))
-    # a round would keep `late` waiting: the chained plan is an ordinary step instead, with a's
+    # a round would keep `late` waiting: the next plan is an ordinary step instead, with a's
     # next token fed by `first` and late's whole prompt
-    nxt = s.schedule_after(first)
+    nxt = s.schedule()
     assert nxt.num_steps == 1 and [c.req_id for c in nxt.chunks] == ["a", "late"]
     a, late = nxt.chunks
     assert a.token_ids == [-1] and a.num_computed_tokens == 6 + 4 and a.sample
@@ -278,10 +287,10 @@ def test_a_waiting_request_that_fits_starts_in_a_chained_step():
     assert nxt.prev_rows == [0, -1]
     assert [n.req_id for n in nxt.new_requests] == ["late"]
     assert s.stats["num_chained_steps"] == 1 and s.stats["num_chained_rounds"] == 0
-    assert rs["a"].num_computed_tokens == 6  # nothing applied yet
+    assert rs["a"].num_output_tokens == 1  # nothing applied yet
 
 
-def test_a_chained_step_after_a_prefill_step():
+def test_a_step_planned_ahead_after_a_prefill_step():
     """After a step of prefill chunks: a request whose prompt ends there decodes next, fed by
     its sample; one cut by the budget continues with its next chunk; a request that the step
     ends by length is left out."""
@@ -291,7 +300,7 @@ def test_a_chained_step_after_a_prefill_step():
     first = s.schedule()
     assert [(c.req_id, len(c.token_ids), c.sample) for c in first.chunks] == \
         [("a", 4, True), ("b", 3, True), ("c", 3, False)]
-    nxt = s.schedule_after(first)
+    nxt = s.schedule()
     # b has max_tokens=1: its one token comes from `first`, so it is gone
     got = [(c.req_id, c.token_ids, c.num_computed_tokens, c.sample) for c in nxt.chunks]
     assert got == [("a", [-1], 4, True), ("c", [3] * 6, 3, True)]

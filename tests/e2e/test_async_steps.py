@@ -1,9 +1,9 @@
-"""Async scheduling chains every step, prefill included, onto the one still running: outputs,
-logprobs, prefix-cache hits and row errors equal the synchronous engine's.
+"""Async scheduling plans every step, prefill included, while the one before it still runs:
+outputs, logprobs, prefix-cache hits and row errors equal the synchronous engine's.
 
-The chained plan is made before the running step's samples are known: a request whose prompt
-ends in that step decodes next with its sampled token fed on the device, chunked prompts go on
-with their next chunk, and waiting requests are admitted beside them.
+The next plan is made before the running step's samples are known (they are placeholders): a
+request whose prompt ends in that step decodes next with its sampled token fed on the device,
+chunked prompts go on with their next chunk, and waiting requests are admitted beside them.
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from batchllm import LLM, SamplingParams
-from batchllm.runner.model_runner import ModelRunner
 from tests.e2e.test_generate import VOCAB, make_prompts
+from tests.e2e.test_runner_faults import with_small_memory
 
 
 def engine(model_dir, asynchronous: bool, steps: int = 1, **kw) -> LLM:
@@ -98,15 +98,7 @@ def test_out_of_memory_in_a_chained_step_is_split(tiny_model_dir, monkeypatch):
     prompts = make_prompts(VOCAB, [6, 19, 11, 30, 4], seed=35)
     sp = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     want = [o.outputs[0].token_ids for o in engine(tiny_model_dir, False).generate(prompts, sp)]
-    real = ModelRunner._step_logits
-
-    def small_memory(self, hb, input_ids):
-        if len(hb.seq_lens) > 2:  # a step of more than two requests runs out of memory
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-        return real(self, hb, input_ids)
-
-    monkeypatch.setattr(ModelRunner, "_step_logits", small_memory)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    llm = engine(tiny_model_dir, True)
+    llm = with_small_memory(engine(tiny_model_dir, True), 2)  # > 2 requests: out of memory
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, sp)] == want
     assert llm.stats()["num_oom_splits"] > 0 and chained(llm) > 0

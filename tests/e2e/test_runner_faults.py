@@ -5,40 +5,40 @@ import pytest
 import torch
 
 from batchllm import LLM, SamplingParams
-from batchllm.runner.model_runner import EngineFaultError, ModelRunner
+from batchllm.runner.model_runner import EngineFaultError
 from tests.e2e.test_generate import VOCAB, make_prompts
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+
+def with_small_memory(llm: LLM, max_reqs: int) -> LLM:
+    """The engine's model raises a real OutOfMemoryError for a step of more than max_reqs requests."""
+    model = llm.engine.model
+    real = model.forward
+
+    def forward(input_ids, positions, kv_caches, meta):
+        if meta.seq_lens.numel() > max_reqs:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(input_ids, positions, kv_caches, meta)
+
+    model.forward = forward
+    return llm
 
 
 def test_out_of_memory_step_is_split_and_outputs_unchanged(tiny_model_dir, monkeypatch):
     prompts = make_prompts(VOCAB, [6, 19, 11, 30, 4], seed=11)
     base = [o.outputs[0].token_ids for o in
             LLM(str(tiny_model_dir), dtype="float32", device="cpu").generate(prompts, GREEDY)]
-
-    real = ModelRunner._forward_and_sample
-
-    def forward_with_small_memory(self, chunks):
-        # a real OutOfMemoryError raised by a step of more than two requests
-        if len(chunks) > 2:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-        return real(self, chunks)
-
-    monkeypatch.setattr(ModelRunner, "_forward_and_sample", forward_with_small_memory)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    llm = LLM(str(tiny_model_dir), dtype="float32", device="cpu")
+    llm = with_small_memory(LLM(str(tiny_model_dir), dtype="float32", device="cpu"), 2)
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
     assert got == base
     assert llm.stats()["num_oom_splits"] > 0
 
 
 def test_single_request_out_of_memory_is_a_clear_fault(tiny_model_dir, monkeypatch):
-    def always_oom(self, chunks):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-
-    monkeypatch.setattr(ModelRunner, "_forward_and_sample", always_oom)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    llm = LLM(str(tiny_model_dir), dtype="float32", device="cpu")
+    llm = with_small_memory(LLM(str(tiny_model_dir), dtype="float32", device="cpu"), 0)
     with pytest.raises(EngineFaultError, match="max_num_batched_tokens"):
         llm.generate(make_prompts(VOCAB, [5], seed=12), GREEDY)
 

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from batchllm.core.outputs import NewRequestData
 from batchllm.kernels import greedy_sample_for
 from batchllm.sampling_params import SamplingParams
 
@@ -77,14 +76,14 @@ class Sampler:
     def num_requests(self) -> int:
         return len(self._reqs)
 
-    def add_request(self, data: NewRequestData, eos_token_id: int | None) -> None:
+    def add_request(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    seed: int | None, eos_token_id: int | None) -> None:
         """Start tracking a request; a request already tracked (re-scheduled after preemption) keeps its state."""
-        if data.req_id in self._reqs:
+        if req_id in self._reqs:
             return
-        params = data.sampling_params
         generator = None
-        if data.seed is not None:
-            generator = torch.Generator(self.device).manual_seed(data.seed)
+        if seed is not None:
+            generator = torch.Generator(self.device).manual_seed(seed)
         masked = list(params.stop_token_ids or [])
         if eos_token_id is not None:
             masked.append(eos_token_id)
@@ -93,10 +92,10 @@ class Sampler:
             slot = self._take_slot()
             self._counts[slot].zero_()
             self._prompt_mask[slot].zero_()
-            if data.prompt_token_ids:
-                prompt = torch.tensor(data.prompt_token_ids, dtype=torch.long).clamp_(0, self.vocab_size - 1)
+            if prompt_token_ids:
+                prompt = torch.tensor(prompt_token_ids, dtype=torch.long).clamp_(0, self.vocab_size - 1)
                 self._prompt_mask[slot, prompt.to(self.device)] = True
-        self._reqs[data.req_id] = _RequestState(params, generator, masked, slot)
+        self._reqs[req_id] = _RequestState(params, generator, masked, slot)
 
     def remove_request(self, req_id: str) -> None:
         state = self._reqs.pop(req_id, None)

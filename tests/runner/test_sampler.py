@@ -1,4 +1,4 @@
-"""batchllm.layers.sampler: greedy, random sampling and its filters, penalties, min_tokens, seeds, NaN rows."""
+"""batchllm.runner.sampler: greedy, random sampling and its filters, penalties, min_tokens, seeds, NaN rows."""
 from __future__ import annotations
 
 import math
@@ -6,8 +6,7 @@ import math
 import pytest
 import torch
 
-from batchllm.core.outputs import NewRequestData
-from batchllm.layers.sampler import Sampler
+from batchllm.runner.sampler import Sampler
 from batchllm.sampling_params import SamplingParams
 
 V = 8
@@ -19,7 +18,7 @@ def _sampler(**requests: dict) -> Sampler:
     for req_id, kw in requests.items():
         prompt = kw.pop("prompt", [0])
         seed = kw.get("seed")
-        s.add_request(NewRequestData(req_id, prompt, SamplingParams(**kw), seed), EOS)
+        s.add_request(req_id, prompt, SamplingParams(**kw), seed, EOS)
     return s
 
 
@@ -44,7 +43,7 @@ def test_random_sampling_follows_softmax_of_logits_over_temperature(temperature)
     s = Sampler("cpu", V)
     ids = [f"r{i}" for i in range(n)]
     for r in ids:
-        s.add_request(NewRequestData(r, [0], SamplingParams(temperature=temperature), None), EOS)
+        s.add_request(r, [0], SamplingParams(temperature=temperature), None, EOS)
     torch.manual_seed(1)
     tokens = torch.tensor(s.sample(base.expand(n, V).clone(), ids).token_ids)
     freq = torch.bincount(tokens, minlength=V).float() / n
@@ -64,7 +63,7 @@ def test_filters_keep_only_the_allowed_tokens(kw, allowed):
     s = Sampler("cpu", V)
     ids = [f"r{i}" for i in range(n)]
     for r in ids:
-        s.add_request(NewRequestData(r, [0], SamplingParams(**kw), None), EOS)
+        s.add_request(r, [0], SamplingParams(**kw), None, EOS)
     torch.manual_seed(2)
     seen = set(s.sample(probs.log().expand(n, V).clone(), ids).token_ids)
     assert seen == allowed
@@ -132,7 +131,7 @@ def test_a_reused_penalty_slot_starts_clean():
     for _ in range(3):
         s.sample(_row(2.0, 1.5), ["a"])
     s.remove_request("a")
-    s.add_request(NewRequestData("b", [5], SamplingParams(temperature=0, frequency_penalty=2.0), None), EOS)
+    s.add_request("b", [5], SamplingParams(temperature=0, frequency_penalty=2.0), None, EOS)
     assert s.sample(_row(2.0, 1.5), ["b"]).token_ids == [0]
     assert s.num_requests == 1
 

@@ -1,0 +1,118 @@
+"""Engine construction: config → device, tokenizer, model, KV cache, runner, scheduler."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from batchllm.config import ConfigError, EngineConfig
+from batchllm.core.scheduler import Scheduler
+from batchllm.runner.cascade import CascadePolicy
+from batchllm.runner.kv_cache import KVCache
+from batchllm.runner.memory import bytes_per_block, num_device_blocks
+from batchllm.runner.model_runner import ModelRunner
+
+# Decode batches up to this size replay CUDA graphs (larger ones run eagerly); one graph per
+# captured size (runner/cuda_graphs.capture_sizes), two where shared-prefix attention is on.
+MAX_GRAPH_BATCH = 1024
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but no CUDA device is visible; use device: cpu")
+    return torch.device(name)
+
+
+def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's storage dtype for the kv_cache_dtype setting."""
+    return torch.float8_e4m3fn if name in ("fp8", "fp8_e4m3") else model_dtype
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    from batchllm.kernels import triton_available
+
+    if name == "auto":
+        return "triton" if device.type == "cuda" and triton_available(device) else "torch"
+    if name == "triton" and not triton_available(device):
+        raise ConfigError("attention_backend='triton' needs triton and a CUDA device "
+                          "(or TRITON_INTERPRET=1); use attention_backend: torch")
+    return name
+
+
+def max_model_len(config: EngineConfig, hf_config) -> int:
+    limit = getattr(hf_config, "max_position_embeddings", None) or 4096
+    asked = config.model.max_model_len
+    if asked is not None and asked > limit:
+        raise ConfigError(f"max_model_len={asked} exceeds the model's max_position_embeddings "
+                          f"({limit}); use at most {limit}")
+    return asked or limit
+
+
+@dataclass(slots=True)
+class EngineParts:
+    """What one engine is made of, built from its config."""
+
+    config: EngineConfig  # with device-dependent defaults filled in
+    device: torch.device
+    backend: str  # attention kernels: "torch" | "triton"
+    tokenizer: object | None
+    model: torch.nn.Module
+    hf_config: object
+    max_model_len: int
+    eos_token_ids: list[int]  # the first is the EOS; the others act as stop tokens
+    kv_cache: KVCache
+    runner: ModelRunner
+    scheduler: Scheduler
+
+
+def build_engine_parts(config: EngineConfig, skip_tokenizer_init: bool = False) -> EngineParts:
+    from batchllm.kernels import get_kernels
+    from batchllm.loader import load_model
+    from batchllm.runner.sampler import Sampler
+
+    device = resolve_device(config.device)
+    tokenizer = None
+    if not skip_tokenizer_init:
+        from batchllm.hub import resolve_model
+        from batchllm.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(str(resolve_model(config.model.tokenizer or config.model.model)),
+                                   trust_remote_code=config.model.trust_remote_code)
+    model, hf_config = load_model(config.model, device)
+    backend = resolve_backend(config.attention_backend, device)
+    model.use_kernels(get_kernels(backend))
+    model_len = max_model_len(config, hf_config)
+    eos = tokenizer.eos_token_id if tokenizer else getattr(hf_config, "eos_token_id", None)
+    eos_ids = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+
+    sched = config.scheduler
+    if sched.num_decode_steps is None:
+        sched = replace(sched, num_decode_steps=8 if device.type == "cuda" else 1)
+    if sched.async_scheduling is None:
+        sched = replace(sched, async_scheduling=device.type == "cuda")
+    config = replace(config, scheduler=sched)
+
+    f, cache = model.family, config.cache
+    dtype = kv_cache_dtype(cache.kv_cache_dtype, next(model.parameters()).dtype)
+    block_bytes = bytes_per_block(hf_config.num_hidden_layers, cache.block_size, f.num_kv_heads,
+                                  f.head_dim, dtype)
+    activation = model.activation_bytes(sched.max_num_batched_tokens, sched.max_num_seqs)
+    num_blocks = cache.num_gpu_blocks_override or num_device_blocks(
+        device, block_bytes, cache.gpu_memory_utilization, cache.cpu_kv_cache_bytes, activation)
+    if num_blocks < 2:
+        raise ConfigError(f"no room for a KV cache on {device} ({num_blocks} blocks of "
+                          f"{block_bytes} bytes); raise gpu_memory_utilization or use a smaller model")
+    num_cpu_blocks = int(cache.swap_space * (1 << 30)) // block_bytes
+    kv = KVCache(hf_config.num_hidden_layers, num_blocks, num_cpu_blocks, cache.block_size,
+                 f.num_kv_heads, f.head_dim, dtype, device)
+    cascade = CascadePolicy(config.cascade_attention and backend == "triton", cache.block_size,
+                            config.cascade_min_tokens, config.cascade_min_reqs)
+    runner = ModelRunner(model, kv, Sampler(device, hf_config.vocab_size), cache.block_size, device,
+                         eos_ids[0] if eos_ids else None, cascade)
+    if device.type == "cuda" and backend == "triton" and not config.enforce_eager:
+        runner.capture_decode_graphs(min(sched.max_num_seqs, MAX_GRAPH_BATCH), model_len)
+    scheduler = Scheduler(sched, cache, num_blocks, num_cpu_blocks, model_len)
+    return EngineParts(config, device, backend, tokenizer, model, hf_config, model_len, eos_ids,
+                       kv, runner, scheduler)
