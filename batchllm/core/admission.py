@@ -1,4 +1,4 @@
-"""Admission: the part of the Scheduler that starts swapped and waiting requests in a step.
+"""Admission and preemption: the part of the Scheduler that moves requests between its queues.
 
 Swapped requests come back first (their blocks are copied in from the CPU pool), then waiting
 ones in FIFO order: a prefix-cache hit skips the cached blocks; a fresh sample of an `n > 1`
@@ -10,9 +10,16 @@ whose last sampled tokens are still placeholders waits until `update` has filled
 """
 from __future__ import annotations
 
+import bisect
+from collections import OrderedDict
+
 from batchllm.core.kv_cache_manager import cdiv
 from batchllm.core.outputs import SchedulerOutput
-from batchllm.core.request import Request
+from batchllm.core.request import Request, RequestStatus
+
+
+def _priority(r: Request) -> tuple[float, int]:
+    return r.priority
 
 
 class Admission:
@@ -114,3 +121,35 @@ class Admission:
         self._start_running(req)
         self._add_chunk(plan, req, req.num_tokens - shared)
         return True
+
+    def _start_running(self, req: Request) -> None:
+        req.status = RequestStatus.RUNNING
+        bisect.insort(self.running, req, key=_priority)
+
+    def _preempt(self, victim: Request, plan: SchedulerOutput) -> None:
+        """Swap the victim out (swap / long requests in auto) or free it to recompute later."""
+        rid = victim.request_id
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        self.groups.on_preempt(victim)
+        plan.preempted_req_ids.append(rid)
+        mode = self.config.preemption_mode
+        if mode == "swap" or (mode == "auto" and
+                              victim.num_computed_tokens >= self.config.swap_threshold_tokens):
+            copies = self.cpu.swap_out(rid, self.kv.block_ids(rid))
+            if copies is not None:
+                plan.swap_out.extend(copies)
+                self.kv.free(victim)
+                victim.status = RequestStatus.SWAPPED
+                self._push_front(self.swapped, victim)
+                self.num_swapped_out += 1
+                return
+        self.kv.free(victim)
+        victim.num_computed_tokens = 0
+        victim.status = RequestStatus.WAITING
+        self._push_front(self.waiting, victim)
+
+    @staticmethod
+    def _push_front(queue: OrderedDict[str, Request], req: Request) -> None:
+        queue[req.request_id] = req
+        queue.move_to_end(req.request_id, last=False)

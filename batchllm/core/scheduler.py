@@ -20,7 +20,6 @@ request could start.
 """
 from __future__ import annotations
 
-import bisect
 import time
 from collections import Counter, OrderedDict
 from typing import Iterable
@@ -37,11 +36,9 @@ from batchllm.core.swap import CpuBlockPool
 _FINISHED = {"stop": RequestStatus.FINISHED_STOPPED, "length": RequestStatus.FINISHED_LENGTH}
 
 
-def _priority(r: Request) -> tuple[float, int]:
-    return r.priority
-
-
 class Scheduler(Admission):
+    """Plans steps over the KV cache; admission and preemption are in core/admission.py."""
+
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
                  num_gpu_blocks: int, num_cpu_blocks: int, max_model_len: int) -> None:
         self.config = scheduler_config
@@ -227,10 +224,6 @@ class Scheduler(Admission):
         n = min(req.num_planned_tokens - req.num_computed_tokens, budget)
         return self.groups.cap_leader_tokens(req, req.num_computed_tokens, n)
 
-    def _start_running(self, req: Request) -> None:
-        req.status = RequestStatus.RUNNING
-        bisect.insort(self.running, req, key=_priority)
-
     def _add_chunk(self, plan: SchedulerOutput, req: Request, n: int, num_steps: int = 1) -> None:
         """Plan n tokens of req from its first uncomputed one (num_steps decode steps when > 1)
         and advance it as if the plan had run: its samples become placeholders."""
@@ -256,34 +249,6 @@ class Scheduler(Admission):
             req.metrics.first_scheduled_time = time.time()
             plan.new_requests.append(NewRequestData(rid, req.prompt_token_ids, req.sampling_params,
                                                     req.seed))
-
-    def _preempt(self, victim: Request, plan: SchedulerOutput) -> None:
-        """Swap the victim out (swap / long requests in auto) or free it to recompute later."""
-        rid = victim.request_id
-        victim.num_preemptions += 1
-        self.num_preemptions += 1
-        self.groups.on_preempt(victim)
-        plan.preempted_req_ids.append(rid)
-        mode = self.config.preemption_mode
-        if mode == "swap" or (mode == "auto" and
-                              victim.num_computed_tokens >= self.config.swap_threshold_tokens):
-            copies = self.cpu.swap_out(rid, self.kv.block_ids(rid))
-            if copies is not None:
-                plan.swap_out.extend(copies)
-                self.kv.free(victim)
-                victim.status = RequestStatus.SWAPPED
-                self._push_front(self.swapped, victim)
-                self.num_swapped_out += 1
-                return
-        self.kv.free(victim)
-        victim.num_computed_tokens = 0
-        victim.status = RequestStatus.WAITING
-        self._push_front(self.waiting, victim)
-
-    @staticmethod
-    def _push_front(queue: OrderedDict[str, Request], req: Request) -> None:
-        queue[req.request_id] = req
-        queue.move_to_end(req.request_id, last=False)
 
     # ------------------------------------------------------------------ results
     def update(self, plan: SchedulerOutput, output: RunnerOutput) -> list[Request]:
