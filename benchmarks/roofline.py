@@ -2,8 +2,9 @@
 time on it (BENCHMARKS.md, "Roofline").
 
 Ceilings are measured once per process on the device the benchmark runs on (an 8192^3 bf16
-matrix product and a 1 GiB device-to-device copy, about two seconds); where measuring fails, a
-table by device name gives them. Every benchmark JSON records the ceilings it used.
+matrix product and a 1 GiB device-to-device copy, about a second); where measuring fails, or with
+BENCH_CEILINGS=table in the environment, a table by device name gives them. Every benchmark JSON
+records the ceilings it used.
 
 compute floor = (2 x non-embedding params x processed tokens + 2 x vocab x hidden x sampled
 tokens) / matmul rate. Processed tokens are the prompt tokens the engine must compute (minus those
@@ -23,6 +24,7 @@ the floor such a run is held to; BENCHMARKS.md's definition reads every request'
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -44,8 +46,14 @@ class Ceilings:
     source: str          # "measured" or "table"
 
     def as_dict(self) -> dict:
-        return dict(asdict(self), matmul_tflops=round(self.matmul_flops / 1e12, 1),
-                    copy_tbps=round(self.copy_bytes / 1e12, 3))
+        """The record a benchmark JSON keeps (with the table's figures beside measured ones)."""
+        out = dict(asdict(self), matmul_tflops=round(self.matmul_flops / 1e12, 1),
+                   copy_tbps=round(self.copy_bytes / 1e12, 3))
+        known = table_ceilings(self.device) if self.source == "measured" else None
+        if known is not None:
+            out.update(table_matmul_tflops=round(known.matmul_flops / 1e12, 1),
+                       table_copy_tbps=round(known.copy_bytes / 1e12, 3))
+        return out
 
 
 _CEILINGS: dict[str, Ceilings] = {}
@@ -73,48 +81,62 @@ def _best_rate(fn, work: float, sync, repeats: int = 5, iters: int = 10) -> floa
     return work / best
 
 
+def _matmul_rate(n: int, dtype, device: str, sync) -> float:
+    import torch
+
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    if device.startswith("cuda"):  # let the clocks come up before timing
+        end = time.perf_counter() + 0.5
+        while time.perf_counter() < end:
+            a @ b
+            sync()
+    return _best_rate(lambda: a @ b, 2.0 * n ** 3, sync)
+
+
+def _copy_rate(nbytes: int, device: str, sync) -> float:
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return _best_rate(lambda: dst.copy_(src), 2.0 * nbytes, sync)
+
+
 def measure_ceilings(device: str = "cuda") -> Ceilings:
     """Matmul rate and copy bandwidth measured now (a small problem on CPU, where they only make
     a smoke run's floor finite)."""
     import torch
 
     cuda = device.startswith("cuda")
-    n, copy_bytes = (8192, 1 << 30) if cuda else (512, 1 << 24)
-    dtype = torch.bfloat16 if cuda else torch.float32
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    a = torch.randn(n, n, dtype=dtype, device=device)
-    b = torch.randn(n, n, dtype=dtype, device=device)
-    if cuda:  # let the clocks come up before timing
-        end = time.perf_counter() + 0.5
-        while time.perf_counter() < end:
-            a @ b
-            sync()
-    flops = _best_rate(lambda: a @ b, 2.0 * n ** 3, sync)
-    del a, b
-    src = torch.empty(copy_bytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    nbytes = _best_rate(lambda: dst.copy_(src), 2.0 * copy_bytes, sync)
-    del src, dst
+    flops = _matmul_rate(8192 if cuda else 512, torch.bfloat16 if cuda else torch.float32, device, sync)
+    nbytes = _copy_rate(1 << 30 if cuda else 1 << 24, device, sync)
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     return Ceilings(name, flops, nbytes, "measured")
 
 
 def device_ceilings() -> Ceilings:
     """This process's device ceilings: measured on first use (CUDA if present, else CPU), from the
-    table by device name if measuring fails; cached for the rest of the process."""
+    table by device name if measuring fails or BENCH_CEILINGS=table; cached for the process."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in _CEILINGS:
+    if device in _CEILINGS:
+        return _CEILINGS[device]
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    known = table_ceilings(name)
+    if os.environ.get("BENCH_CEILINGS") == "table":
+        if known is None:
+            raise RuntimeError(f"BENCH_CEILINGS=table but the table has no entry for {name}; add one "
+                               f"to KNOWN_CEILINGS in benchmarks/roofline.py or unset BENCH_CEILINGS")
+        _CEILINGS[device] = known
+    else:
         try:
             _CEILINGS[device] = measure_ceilings(device)
-        except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
-            name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-            known = table_ceilings(name)
+        except RuntimeError as exc:  # out of memory among others
             if known is None:
-                raise RuntimeError(f"could not measure the ceilings of {name} ({exc}) and the table "
-                                   f"has no entry for it; add one to KNOWN_CEILINGS in "
-                                   f"benchmarks/roofline.py") from exc
+                raise RuntimeError(f"could not measure the ceilings of {name} ({exc}) and the table has "
+                                   f"no entry for it; add one to KNOWN_CEILINGS in benchmarks/roofline.py") from exc
             _CEILINGS[device] = known
     return _CEILINGS[device]
 

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (THROUGHPUT_ENGINE, greedy, machine_info, make_llm, parse_sets, patch,  # noqa: E402
                                prompt_tokens, release, write_json)
+from benchmarks.device_time import device_breakdown, mark, plans_on_device, runtime_calls, summarize_kind  # noqa: E402
 from benchmarks.shapes import SHAPES, write_model_dir  # noqa: E402
 from benchmarks.workloads import WORKLOADS, build_workload, warmup_workload  # noqa: E402
 
@@ -43,52 +44,6 @@ CASES = {  # shape -> (name, decode batch, context at which decode is measured)
     "1B": ("Llama-3.2-1B", 512, 672),
     "0.6B": ("Qwen3-0.6B", 256, 900),
 }
-
-CATEGORIES = (
-    ("attention", ("paged_attention", "merge_splits", "flash", "fmha")),
-    ("kv_write", ("write_kv",)),
-    ("norm", ("rms", "norm")),
-    ("rotary", ("rotary",)),
-    ("activation", ("silu",)),
-    ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "sm90", "cublas", "splitk", "matmul")),
-    ("sampler", ("argmax", "logsumexp", "reduce", "softmax", "gather", "topk", "exp", "log")),
-    ("copies", ("copy", "memcpy", "memset", "fill", "cat", "index", "elementwise")),
-)
-MARKER = "spin_kernel"  # torch.cuda._sleep queues it: before each plan, it marks where the plan starts
-SLOW_API_MS = 1.0  # host calls into the CUDA runtime at least this long are listed one by one
-
-
-def category(name: str) -> str:
-    low = name.lower()
-    for cat, keys in CATEGORIES:
-        if any(k in low for k in keys):
-            return cat
-    return "other"
-
-
-def _ms(d: dict[str, float], top: int | None = None) -> dict[str, float]:
-    return {k: round(v / 1e3, 3) for k, v in sorted(d.items(), key=lambda x: -x[1])[:top]}
-
-
-def device_breakdown(fn) -> dict:
-    """Run fn once under the profiler: device time per category (ms), busy vs wall."""
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
-                                            torch.profiler.ProfilerActivity.CPU]) as prof:
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - t0
-    by_cat: dict[str, float] = {}
-    top: dict[str, float] = {}
-    for ev in prof.events():
-        if ev.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        us = ev.device_time if hasattr(ev, "device_time") else ev.cuda_time
-        by_cat[category(ev.name)] = by_cat.get(category(ev.name), 0.0) + us
-        top[ev.name[:90]] = top.get(ev.name[:90], 0.0) + us
-    return dict(wall_ms=round(wall * 1e3, 3), device_busy_ms=round(sum(by_cat.values()) / 1e3, 3),
-                by_category_ms=_ms(by_cat), top_kernels_ms=_ms(top, 14))
 
 
 def fill(eng, num_reqs: int, ctx: int, max_tokens: int = 4000, max_calls: int = 10_000) -> None:
@@ -112,10 +67,7 @@ def fill(eng, num_reqs: int, ctx: int, max_tokens: int = 4000, max_calls: int = 
                        f"(--set max_num_seqs=...) or lower the batch")
 
 
-def decode_case(model_dir: Path, batch: int, ctx: int, steps: int, async_on: bool, rounds: int = 6) -> dict:
-    """Decode rounds through engine.step() (so async scheduling pipelines them as in a run)."""
-    llm = make_llm(model_dir, num_decode_steps=steps, async_scheduling=async_on)
-    eng = llm.engine
+def _decode_rounds(eng, batch: int, ctx: int, rounds: int) -> dict:
     fill(eng, batch, ctx)
     for _ in range(2):
         eng.step()
@@ -127,31 +79,42 @@ def decode_case(model_dir: Path, batch: int, ctx: int, steps: int, async_on: boo
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     tokens = eng.stats()["num_generated_tokens"] - before
-    res = dict(num_decode_steps=steps, async_scheduling=async_on, batch=batch, context=ctx,
-               ms_per_decode_step=round(wall / (tokens / batch) * 1e3, 3),
-               decode_tok_per_s=round(tokens / wall, 1),
-               profile_three_rounds=device_breakdown(lambda: [eng.step() for _ in range(3)]))
-    del llm, eng
-    release()
-    return res
+    return dict(ms_per_decode_step=round(wall / (tokens / batch) * 1e3, 3), decode_tok_per_s=round(tokens / wall, 1),
+                profile_three_rounds=device_breakdown(lambda: [eng.step() for _ in range(3)]))
+
+
+def decode_case(model_dir: Path, batch: int, ctx: int, steps: int, async_on: bool, rounds: int = 6) -> dict:
+    """Decode rounds through engine.step() (so async scheduling pipelines them as in a run)."""
+    llm = make_llm(model_dir, num_decode_steps=steps, async_scheduling=async_on)
+    try:
+        return dict(num_decode_steps=steps, async_scheduling=async_on, batch=batch, context=ctx,
+                    **_decode_rounds(llm.engine, batch, ctx, rounds))
+    finally:
+        del llm
+        release()
+
+
+def _prefill_step(eng, prompts: list[list[int]]) -> dict:
+    for i, p in enumerate(prompts):
+        eng.add_request(f"p{i}", p, greedy(1))
+    return device_breakdown(lambda: eng.step())
 
 
 def prefill_case(model_dir: Path, num_tokens: int = 16384, prompt_len: int = 1024) -> dict:
     """One eager prefill step of num_tokens (prompts of prompt_len), after a warm-up pass."""
     llm = make_llm(model_dir, max_num_batched_tokens=num_tokens, enforce_eager=True)
     g = torch.Generator().manual_seed(1)
-    n = num_tokens // prompt_len
 
     def prompts() -> list[list[int]]:
-        return [torch.randint(100, 100000, (prompt_len,), generator=g).tolist() for _ in range(n)]
+        return [torch.randint(100, 100000, (prompt_len,), generator=g).tolist()
+                for _ in range(num_tokens // prompt_len)]
 
-    llm.generate(prompts(), greedy(1))
-    for i, p in enumerate(prompts()):
-        llm.engine.add_request(f"p{i}", p, greedy(1))
-    res = device_breakdown(lambda: llm.engine.step())
-    del llm
-    release()
-    return dict(num_tokens=num_tokens, prompt_len=prompt_len, **res)
+    try:
+        llm.generate(prompts(), greedy(1))
+        return dict(num_tokens=num_tokens, prompt_len=prompt_len, **_prefill_step(llm.engine, prompts()))
+    finally:
+        del llm
+        release()
 
 
 def gemm_case(shape: str, m: int) -> dict:
@@ -171,63 +134,6 @@ def gemm_case(shape: str, m: int) -> dict:
     return out
 
 
-# ---------------------------------------------------------------------------- timeline
-def runtime_calls(prof, t0: float) -> dict:
-    """CUDA runtime calls on the host (allocations, synchronizations, copies): count and total
-    time per name, and the slow ones with their time since the first kernel (ms)."""
-    per: dict[str, tuple[int, float]] = {}
-    slow = []
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA or not ev.name.startswith("cuda"):
-            continue
-        ms = (ev.time_range.end - ev.time_range.start) / 1e3
-        n, total = per.get(ev.name, (0, 0.0))
-        per[ev.name] = (n + 1, total + ms)
-        if ms >= SLOW_API_MS:
-            slow.append(dict(name=ev.name, ms=round(ms, 2), at_ms=round((ev.time_range.start - t0) / 1e3, 1)))
-    return dict(by_name={k: dict(count=n, ms=round(t, 2)) for k, (n, t) in
-                         sorted(per.items(), key=lambda x: -x[1][1])[:12]},
-                slow=sorted(slow, key=lambda x: x["at_ms"])[:40])
-
-
-def plans_on_device(kernels: list[tuple[float, float, str]], kinds: list[str]) -> list[dict]:
-    """Cut the timeline (kernels as (start us, end us, name), in start order) at the marker
-    kernels: plan i runs from its marker to the next one."""
-    marks = [i for i, k in enumerate(kernels) if MARKER in k[2].lower()]
-    if len(marks) != len(kinds):
-        raise RuntimeError(f"{len(marks)} marker kernels on the device for {len(kinds)} plans launched")
-    plans = []
-    for j, (i, kind) in enumerate(zip(marks, kinds)):
-        stop = marks[j + 1] if j + 1 < len(marks) else len(kernels)
-        ks = kernels[i + 1:stop]
-        if not ks:
-            continue
-        nxt = kernels[stop][0] if stop < len(kernels) else ks[-1][1]
-        busy, end = 0.0, ks[0][0]
-        for s, e, _ in ks:
-            if e > end:
-                busy += e - max(s, end)
-                end = e
-        plans.append(dict(kind=kind, start=kernels[i][0], span=nxt - kernels[i][0], busy=busy, kernels=ks))
-    return plans
-
-
-def summarize_kind(plans: list[dict], kind: str) -> dict:
-    ps = [p for p in plans if p["kind"] == kind]
-    if not ps:
-        return {}
-    by_cat: dict[str, float] = {}
-    for p in ps:
-        for s, e, name in p["kernels"]:
-            by_cat[category(name)] = by_cat.get(category(name), 0.0) + (e - s)
-    span, busy = sum(p["span"] for p in ps), sum(p["busy"] for p in ps)
-    return dict(count=len(ps), span_ms=round(span / 1e3, 2), busy_ms=round(busy / 1e3, 2),
-                idle_ms=round((span - busy) / 1e3, 2),
-                span_ms_each=[round(p["span"] / 1e3, 2) for p in ps][:12],
-                idle_ms_each=[round((p["span"] - p["busy"]) / 1e3, 2) for p in ps][:12],
-                by_category_ms={k: round(v, 2) for k, v in _ms(by_cat).items()})
-
-
 def timeline(workload: str, settings: dict) -> dict:
     work = build_workload(workload)
     with tempfile.TemporaryDirectory() as tmp:
@@ -243,7 +149,7 @@ def timeline(workload: str, settings: dict) -> dict:
                 if plan.chunks and plan is not last[0]:  # execute may launch the same plan: mark once
                     last[0] = plan
                     kinds.append("prompt" if prompt_tokens(plan) else ("round" if plan.num_steps > 1 else "decode"))
-                    torch.cuda._sleep(1)
+                    mark()
                 return fn(plan, *a, **kw)
             return run
 
@@ -257,6 +163,7 @@ def timeline(workload: str, settings: dict) -> dict:
             torch.cuda.synchronize()
         for u in undo:
             u()
+        undo.clear()  # the undo closures hold the runner (and its KV cache)
         stats = {k: v - before.get(k, 0) for k, v in eng.stats().items()
                  if isinstance(v, int) and not k.startswith(("num_gpu", "num_cpu"))}
         del llm, eng
