@@ -119,8 +119,9 @@ def validate(job: Path = typer.Argument(..., help="job.yaml"),
 
 @app.command()
 def inspect(out: Path = typer.Argument(..., help="an output folder"),
-            rows: int = typer.Option(5, help="how many rows to show")) -> None:
+            rows: int = typer.Option(5, min=0, help="how many rows to show")) -> None:
     """Print a job's summary and a few output rows."""
+    import pyarrow as pa
     from rich.console import Console
     from rich.table import Table
 
@@ -133,18 +134,23 @@ def inspect(out: Path = typer.Argument(..., help="an output folder"),
     except JobError as e:
         _fail(e)
     console = Console()
-    summary = read_summary(out) or {}
+    summary = read_summary(out)
     t = Table(title=f"summary of {out}")
     t.add_column("figure")
     t.add_column("value", justify="right")
-    for k, v in summary.items():
-        t.add_row(k, json.dumps(v) if isinstance(v, dict) else str(v))
+    for k, v in (summary.items() if isinstance(summary, dict) else []):
+        t.add_row(str(k), json.dumps(v) if isinstance(v, dict) else str(v))
     console.print(t)
     chunks = sorted((out / CHUNKS).glob("*.arrow"))
     if not chunks:
         console.print("no committed rows yet")
         return
-    table = read_arrow(chunks[0]).slice(0, rows)
+    try:
+        table = read_arrow(chunks[0]).slice(0, rows)
+    except (pa.ArrowInvalid, OSError) as e:
+        typer.echo(f"note: {chunks[0].name} is unreadable ({str(e).splitlines()[0]}); the next "
+                   "run sets it aside and redoes its rows", err=True)
+        return
     cols = [c for c in ("id", "input_row", "text", "finish_reason", "num_output_tokens", "error")
             if c in table.column_names]
     r = Table(title=f"first rows of {chunks[0].name}")

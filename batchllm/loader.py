@@ -164,9 +164,19 @@ def _stream_safetensors(files: list[Path]) -> WeightIter:
     from safetensors import safe_open
 
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        try:
+            handle = safe_open(str(file), framework="pt", device="cpu")
+        except Exception as exc:  # SafetensorError (not an OSError): a damaged or truncated file
+            raise ModelLoadError(f"cannot read {file}: {exc}; the file is damaged or incomplete, "
+                                 "download or copy the model again") from exc
+        with handle as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                try:
+                    tensor = f.get_tensor(name)
+                except Exception as exc:  # data missing past the header (a truncated file)
+                    raise ModelLoadError(f"cannot read tensor {name!r} from {file}: {exc}; the "
+                                         "file is damaged or incomplete") from exc
+                yield name, tensor
 
 
 def _stream_pickle(files: list[Path]) -> WeightIter:

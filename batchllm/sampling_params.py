@@ -1,7 +1,12 @@
 """SamplingParams: how each request is sampled and when it stops (vLLM's names and defaults)."""
 from __future__ import annotations
 
+import math
+import operator
 from dataclasses import dataclass, field, fields, replace
+
+INT64_MAX = 2**63 - 1
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what a torch.Generator takes
 
 
 class SamplingParamsError(ValueError):
@@ -30,46 +35,69 @@ class SamplingParams:
     extra_keys: tuple = field(default=())  # e.g. an adapter id; part of prefix-cache hashes
 
     def __post_init__(self) -> None:
+        # Normalize only the shapes that are valid; anything else is left for validate() to name.
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
-        if self.top_k == -1:
+        elif self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, tuple):
+            self.stop = list(self.stop)
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        elif isinstance(self.stop_token_ids, (list, tuple)):
+            self.stop_token_ids = [_index(t) for t in self.stop_token_ids]
+        if _is_int(self.top_k) and self.top_k == -1:
             self.top_k = 0
         self.validate()
 
     def validate(self) -> None:
+        """Every field's type and range; raises SamplingParamsError naming the field and value.
+        Booleans are not numbers here, numbers are finite, integers fit in 64 bits."""
         def bad(name: str, expected: str) -> SamplingParamsError:
-            return SamplingParamsError(f"{name}={getattr(self, name)!r} is invalid: expected {expected}")
+            shown = repr(getattr(self, name))
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
+            return SamplingParamsError(f"{name}={shown} is invalid: expected {expected}")
 
-        if not isinstance(self.n, int) or self.n < 1:
-            raise bad("n", "an integer >= 1")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            raise bad("max_tokens", "an integer >= 1 or null")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
-            raise bad("min_tokens", "an integer >= 0")
+        def integer(name: str, lo: int, hi: int = INT64_MAX, null: bool = False) -> None:
+            v = getattr(self, name)
+            if not (v is None and null) and not (_is_int(v) and lo <= v <= hi):
+                bound = f"an integer in [{lo}, {hi}]" if hi != INT64_MAX else f"an integer >= {lo}"
+                raise bad(name, bound + (" or null" if null else ""))
+
+        def number(name: str, ok: bool, expected: str) -> None:
+            v = getattr(self, name)
+            if not _is_number(v) or not ok:
+                raise bad(name, expected)
+
+        integer("n", 1)
+        integer("max_tokens", 1, null=True)
+        integer("min_tokens", 0)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise bad("min_tokens", f"at most max_tokens ({self.max_tokens})")
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise bad("temperature", "a number >= 0")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise bad("top_p", "a number in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise bad("top_k", "an integer >= 0 (0 or -1 turns it off)")
-        if not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p <= 1:
-            raise bad("min_p", "a number in [0, 1]")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", "an integer or null")
+        number("temperature", _is_number(self.temperature) and self.temperature >= 0,
+               "a finite number >= 0")
+        number("top_p", _is_number(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]")
+        integer("top_k", 0)
+        number("min_p", _is_number(self.min_p) and 0 <= self.min_p <= 1, "a number in [0, 1]")
+        if self.seed is not None and not (_is_int(self.seed) and SEED_MIN <= self.seed
+                                          and self.seed + self.n - 1 <= SEED_MAX):
+            raise bad("seed", f"an integer in [-2**63, 2**64 - n] (a 64-bit seed; sample i of n "
+                              "uses seed + i) or null")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not -2 <= v <= 2:
-                raise bad(name, "a number in [-2, 2]")
-        if not isinstance(self.repetition_penalty, (int, float)) or self.repetition_penalty <= 0:
-            raise bad("repetition_penalty", "a number > 0")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise bad("stop", "a non-empty string or a list of them")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
-            raise bad("logprobs", "an integer in [0, 20] or null")
+            number(name, _is_number(v) and -2 <= v <= 2, "a number in [-2, 2]")
+        number("repetition_penalty", _is_number(self.repetition_penalty)
+               and self.repetition_penalty > 0, "a finite number > 0")
+        if not isinstance(self.stop, list) or any(
+                not isinstance(s, str) or not s or not _encodable(s) for s in self.stop):
+            raise bad("stop", "a non-empty string or a list of them (valid Unicode text)")
+        if not isinstance(self.stop_token_ids, list) or any(
+                not _is_int(t) or not 0 <= t <= INT64_MAX for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "a list of token ids (integers >= 0)")
+        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "true or false")
+        integer("logprobs", 0, 20, null=True)
 
     @property
     def greedy(self) -> bool:
@@ -95,3 +123,29 @@ class SamplingParams:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _index(v: object) -> object:
+    """An integer-like value (numpy or torch integer) as an int; anything else unchanged."""
+    if isinstance(v, (bool, float)) or not hasattr(v, "__index__"):
+        return v
+    return operator.index(v)
+
+
+def _is_number(v: object) -> bool:
+    """A finite int or float (not a bool, NaN or infinity)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return math.isfinite(v) if isinstance(v, float) else abs(v) <= 2**1023
+
+
+def _encodable(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -1,8 +1,11 @@
-"""Input shards: find them, count their rows, and stream their rows in record batches.
+"""Input shards: find them, count and digest their rows, and stream their rows in record batches.
 
 Formats: JSONL (one object per line, read line by line), Parquet (pyarrow iter_batches), the
 OpenAI batch format (JSONL with custom_id / body, flattened here to the generic row shape), and
-in-memory pyarrow Tables / datasets.Datasets. No engine knowledge here.
+in-memory pyarrow Tables / datasets.Datasets. Rows of a file leave `iter_rows` only after the
+bytes of their block match the digest taken when the job was planned (io/digests.py), so a file
+rewritten during a run raises InputChanged instead of feeding the job a second version. No
+engine knowledge here.
 """
 from __future__ import annotations
 
@@ -16,8 +19,11 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 
+from batchllm.io.digests import FileDigest, changed, digest_jsonl, digest_parquet
+from batchllm.io.jsonl import flatten_openai_request, jsonl_lines, verified_jsonl_lines
+from batchllm.io.parquet import iter_parquet_batches, verify_row_groups
+
 SUFFIX_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
-OPENAI_OVERRIDES = ("max_tokens", "temperature", "top_p", "seed", "stop")
 BATCH_ROWS = 1024
 
 
@@ -35,7 +41,9 @@ class Shard:
     size: int = 0
     mtime_ns: int = 0
     data: Any = None  # the in-memory table / dataset
-    content_hash: str | None = None  # in-memory inputs only
+    content_hash: str | None = None  # files: blake2b of their bytes; in memory: of the table
+    digest: FileDigest | None = None  # files: the row blocks the readers check
+    identity: tuple[int, int, int, int] | None = None  # (size, mtime_ns, ctime_ns, inode) planned
 
 
 @dataclass(slots=True)
@@ -79,17 +87,24 @@ def detect_format(path: Path, requested: str | None) -> str:
 
 
 def open_shards(paths: list[Path], requested_format: str | None) -> list[Shard]:
+    """Shards of the files, each counted and digested (one read of every file)."""
     shards = []
     for i, p in enumerate(paths):
         try:
             st = p.stat()
             fmt = detect_format(p, requested_format)
-            n = count_rows(p, fmt)
+            digest = digest_file(p, fmt)
         except OSError as e:
             raise InputError(f"{p}: cannot read: {e.strerror or e}") from None
-        shards.append(Shard(index=i, name=str(p), format=fmt, num_rows=n, path=p,
-                            size=st.st_size, mtime_ns=st.st_mtime_ns))
+        shards.append(Shard(index=i, name=str(p), format=fmt, num_rows=digest.num_rows, path=p,
+                            size=st.st_size, mtime_ns=st.st_mtime_ns,
+                            content_hash=digest.content, digest=digest, identity=identity(st)))
     return shards
+
+
+def identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What changes whenever a file's bytes do (ctime cannot be set back by anyone)."""
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
 
 def memory_shard(data: Any) -> Shard:
@@ -111,30 +126,56 @@ def memory_shard(data: Any) -> Shard:
                      f"{type(data).__name__}")
 
 
-def count_rows(path: Path, fmt: str) -> int:
+def digest_file(path: Path, fmt: str) -> FileDigest:
+    """Row count, content digest and row blocks of one input file."""
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
         try:
-            return pq.ParquetFile(path).metadata.num_rows
+            metadata = pq.ParquetFile(path).metadata
         except (pa.ArrowInvalid, OSError) as e:
             raise InputError(f"{path}: not a readable Parquet file: {e}") from None
-    with open(path, "rb") as f:
-        return sum(1 for line in f if line.strip())
+        return digest_parquet(path, metadata)
+    return digest_jsonl(path)
 
 
-def iter_rows(shard: Shard, start: int = 0) -> Iterator[InputRow]:
-    """Rows of a shard from row `start` on, streamed in record batches (bounded memory)."""
+def iter_rows(shard: Shard, start: int = 0, columns: list[str] | None = None,
+              verify: bool = True) -> Iterator[InputRow]:
+    """Rows of a shard from row `start` on, streamed in record batches (bounded memory).
+
+    Rows of a file come out only after their block's bytes match the planned digest (raises
+    InputChanged otherwise); `verify=False` reads without checking (pre-flight sampling).
+    `columns` limits what Arrow formats read (JSONL lines are parsed whole)."""
+    digest = shard.digest if verify else None
     if shard.format in ("jsonl", "openai-batch"):
         assert shard.path is not None
-        for r in _iter_jsonl_objects(shard.path, start=start, shard=shard.index):
+        lines = (verified_jsonl_lines(shard.path, shard.name, digest, start) if digest is not None
+                 else jsonl_lines(shard.path, start))
+        for row, line in lines:
+            r = _parse_line(line, shard.path.name, shard.index, row)
             if shard.format == "openai-batch" and r.data is not None:
                 r.data, r.error = flatten_openai_request(r.data)
             yield r
         return
-    for offset, batch in _iter_arrow_batches(shard, start):
+    for offset, batch in _iter_arrow_batches(shard, start, columns, digest):
         for i, row in enumerate(batch.to_pylist()):
             yield InputRow(shard=shard.index, row=offset + i, data=row)
+
+
+def check_rows_unchanged(shard: Shard, lo: int, hi: int) -> None:
+    """Before rows [lo, hi) of a Parquet shard are committed: if the file was touched since it was
+    planned, its row groups holding them must still have the planned bytes (JSONL rows were
+    checked line by line when read). Raises InputChanged."""
+    if shard.format != "parquet" or shard.path is None or shard.digest is None:
+        return
+    try:
+        now = identity(shard.path.stat())
+    except OSError as e:
+        raise changed(shard.name, f"it cannot be read: {e.strerror or e}") from None
+    if now == shard.identity:
+        return
+    verify_row_groups(shard.path, shard.name, shard.digest, lo, hi)
+    shard.identity = now  # touched, same bytes: no need to look again until it is touched again
 
 
 def input_columns(shard: Shard, sample_rows: int = 100) -> set[str]:
@@ -179,69 +220,37 @@ def input_schema(shard: Shard, sample_rows: int = 1000) -> pa.Schema:
         return pa.schema([pa.field(k, pa.string()) for k in keys])
 
 
-def flatten_openai_request(obj: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
-    """{custom_id, method, url, body{messages|prompt, ...}} -> a flat row, or (row, error)."""
-    body = obj.get("body")
-    flat: dict[str, Any] = {"custom_id": obj.get("custom_id"), "method": obj.get("method"),
-                            "url": obj.get("url")}
-    if not isinstance(body, dict):
-        return flat, "OpenAI batch line has no `body` object"
-    if "messages" in body:
-        flat["messages"] = body["messages"]
-    elif "prompt" in body:
-        flat["prompt"] = body["prompt"]
-    for key in OPENAI_OVERRIDES:
-        if key in body:
-            flat[key] = body[key]
-    if "max_completion_tokens" in body and "max_tokens" not in body:
-        flat["max_tokens"] = body["max_completion_tokens"]
-    return flat, None
+def _parse_line(line: bytes, name: str, shard: int, row: int) -> InputRow:
+    try:
+        obj = json.loads(line)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        return InputRow(shard, row, None, f"malformed JSON line ({name}, row {row}): {why}")
+    if not isinstance(obj, dict):
+        return InputRow(shard, row, None, f"line is JSON but not an object ({name}, row {row})")
+    return InputRow(shard, row, obj)
 
 
 def _iter_jsonl_objects(path: Path, start: int = 0, shard: int = 0,
                         limit: int | None = None) -> Iterator[InputRow]:
-    row = -1
-    with open(path, "rb") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            row += 1
-            if row < start:
-                continue
-            if limit is not None and row >= start + limit:
-                return
-            try:
-                obj = json.loads(line)
-            except (ValueError, UnicodeDecodeError) as e:
-                yield InputRow(shard, row, None, f"malformed JSON line ({path.name}, row {row}): {e}")
-                continue
-            if not isinstance(obj, dict):
-                yield InputRow(shard, row, None,
-                               f"line is JSON but not an object ({path.name}, row {row})")
-                continue
-            yield InputRow(shard, row, obj)
+    """Parsed rows from `start` on (at most `limit`), unchecked: pre-flight sampling."""
+    for row, line in jsonl_lines(path, start, limit):
+        yield _parse_line(line, path.name, shard, row)
 
 
-def _iter_arrow_batches(shard: Shard, start: int) -> Iterator[tuple[int, pa.RecordBatch]]:
+def _iter_arrow_batches(shard: Shard, start: int, columns: list[str] | None = None,
+                        digest: FileDigest | None = None) -> Iterator[tuple[int, pa.RecordBatch]]:
     offset = 0
     if shard.format == "parquet":
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(shard.path)
-        # Skip whole row groups before `start` without reading them.
-        groups, seen = [], 0
-        for g in range(pf.metadata.num_row_groups):
-            n = pf.metadata.row_group(g).num_rows
-            if seen + n > start:
-                groups.append(g)
-            else:
-                offset += n
-            seen += n
-        batches = pf.iter_batches(batch_size=BATCH_ROWS, row_groups=groups) if groups else iter(())
-    elif shard.format == "arrow":
-        batches = shard.data.to_batches(max_chunksize=BATCH_ROWS)
+        assert shard.path is not None
+        yield from iter_parquet_batches(shard.path, shard.name, start, columns, digest)
+        return
+    if shard.format == "arrow":
+        data = shard.data.select(columns) if columns else shard.data
+        batches = data.to_batches(max_chunksize=BATCH_ROWS)
     else:
-        batches = shard.data.with_format("arrow").iter(batch_size=BATCH_ROWS)  # pa.Tables
+        data = shard.data.select_columns(columns) if columns else shard.data
+        batches = data.with_format("arrow").iter(batch_size=BATCH_ROWS)  # pa.Tables
     for batch in batches:
         n = batch.num_rows
         if offset + n <= start:
@@ -250,8 +259,3 @@ def _iter_arrow_batches(shard: Shard, start: int) -> Iterator[tuple[int, pa.Reco
         lo = max(0, start - offset)
         yield offset + lo, batch.slice(lo)
         offset += n
-
-
-def file_identity(path: Path) -> tuple[int, int]:
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns

@@ -6,7 +6,9 @@ Layout of output.path:
     chunks/unit-NNNNNN-chunk-NNNNN[-last].arrow   committed rows, each file atomic
     summary.json        figures of the committed rows and of the last run
     final/              after finalize: one file per input shard, in input order
-Resume trusts only the committed chunk files.
+Resume trusts only the committed chunk files. Each chunk records the content digest of the input
+file its rows were read from (schema metadata `batchllm.input_content`); a chunk whose digest is
+not the job's is set aside and its rows redone.
 """
 from __future__ import annotations
 
@@ -34,14 +36,18 @@ SUMMARY = "summary.json"
 LOCK = ".lock"
 
 
+CONTENT_KEY = b"batchllm.input_content"
+
+
 def job_details(spec: JobSpec, shards: list[Shard]) -> dict[str, Any]:
-    """What makes two runs the same job: model, inputs (size/mtime/rows), columns, sampling, ..."""
+    """What makes two runs the same job: model, inputs (rows, size and content digest, not their
+    mtime: a byte-identical copy is the same input), columns, sampling, ..."""
     inp = spec.input
     return {
         "model": spec.model,
         "tokenizer": spec.tokenizer,
         "inputs": [{"file": s.name, "format": s.format, "rows": s.num_rows, "size": s.size,
-                    "mtime_ns": s.mtime_ns, "content": s.content_hash} for s in shards],
+                    "content": s.content_hash} for s in shards],
         "columns": {"prompt": inp.prompt_column, "messages": inp.messages_column,
                     "token_ids": inp.token_ids_column, "id": inp.id_column,
                     "system_prompt": inp.system_prompt},
@@ -77,7 +83,7 @@ def describe_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = 
             return f"the input has {len(new)} shard(s), the folder's job had {len(old)}"
         for o, n in zip(old, new):
             if o != n:
-                what = [k for k in ("file", "rows", "size", "mtime_ns", "content")
+                what = [k for k in ("file", "format", "rows", "size", "content")
                         if o.get(k) != n.get(k)]
                 return (f"input shard {o.get('file')} changed ({', '.join(what)}: "
                         + "; ".join(f"{o.get(k)} -> {n.get(k)}" for k in what) + ")")
@@ -117,12 +123,31 @@ def claim_folder(folder: Path, details: dict[str, Any], shards: list[Shard], *,
 
 
 def read_job_record(folder: Path) -> dict[str, Any]:
+    """job.json, checked for the keys readers of a folder rely on."""
+    path = folder / JOB_FILE
     try:
-        return json.loads((folder / JOB_FILE).read_text())
+        record = json.loads(path.read_text())
     except FileNotFoundError:
         raise OutputFolderError(f"{folder} is not a batchllm output folder (no {JOB_FILE})") from None
+    except NotADirectoryError:
+        raise OutputFolderError(f"{folder} is not a folder") from None
     except (OSError, ValueError) as e:
-        raise OutputFolderError(f"{folder / JOB_FILE}: unreadable: {e}") from None
+        raise OutputFolderError(f"{path}: unreadable: {e}") from None
+    try:
+        shards = record["shards"]
+        ok = (all(isinstance(s["name"], str) and isinstance(s["rows"], int) for s in shards)
+              and isinstance(record["details"]["output"]["unit_rows"], int))
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise OutputFolderError(f"{path}: not a batchllm job record (shards / details missing or "
+                                "malformed); rerun the job with --overwrite to rebuild the folder")
+    return record
+
+
+def chunk_metadata(shard: Shard) -> dict[bytes, bytes]:
+    """Schema metadata a chunk of `shard`'s rows is written with: the input's content digest."""
+    return {CONTENT_KEY: (shard.content_hash or "").encode()}
 
 
 @dataclass(slots=True)
@@ -145,14 +170,20 @@ class Committed:
                    for u in units)
 
 
-def _chunk_problem(path: Path, unit: WorkUnit, seen: set[int]) -> tuple[str | None, list[int]]:
-    """Why a chunk cannot be trusted (None if it can), and its input rows."""
+def _chunk_problem(path: Path, unit: WorkUnit, seen: set[int],
+                   content: str | None) -> tuple[str | None, list[int]]:
+    """Why a chunk cannot be trusted (None if it can), and its input rows. `content`: the digest
+    of the input its rows must have been read from (None: not known, not checked)."""
     try:
         table = read_arrow(path, ["input_row"])
         table.validate(full=True)
         rows = table.column(0).to_pylist()
     except (pa.ArrowInvalid, OSError, KeyError) as e:
         return f"unreadable ({str(e).splitlines()[0][:120]})", []
+    recorded = (table.schema.metadata or {}).get(CONTENT_KEY, b"").decode(errors="replace")
+    if content and recorded != content:
+        return (f"its rows were read from another version of the input (content "
+                f"{recorded or 'not recorded'}, the job's is {content})"), []
     if not rows:
         return "holds no rows", []
     if any(r is None or not unit.start <= r < unit.stop for r in rows):
@@ -164,9 +195,12 @@ def _chunk_problem(path: Path, unit: WorkUnit, seen: set[int]) -> tuple[str | No
 
 def scan_committed(folder: Path, units: list[WorkUnit]) -> Committed:
     """Read chunk names and their `input_row` column; set corrupt chunks aside (renamed
-    `*.corrupt-<pid>`, never read again) so that their rows are redone."""
+    `*.corrupt-<pid>`, never read again) so that their rows are redone. A chunk is corrupt when it
+    is unreadable, holds rows outside its unit or already committed, or was read from an input
+    whose content digest is not the one job.json records."""
     states = {u.index: UnitState() for u in units}
     corrupt: list[str] = []
+    contents = _recorded_contents(folder)
     chunk_dir = folder / CHUNKS
     for path in sorted(chunk_dir.glob("*.arrow")) if chunk_dir.exists() else []:
         parsed = parse_chunk_name(path.name)
@@ -174,7 +208,8 @@ def scan_committed(folder: Path, units: list[WorkUnit]) -> Committed:
             continue
         unit, chunk, last = parsed
         st = states[unit]
-        why, rows = _chunk_problem(path, units[unit], st.done_rows)
+        why, rows = _chunk_problem(path, units[unit], st.done_rows,
+                                   contents.get(units[unit].shard))
         if why is not None:
             corrupt.append(f"{path.name}: {why}")
             aside = path.with_name(f"{path.name}.corrupt-{os.getpid()}")
@@ -195,6 +230,15 @@ def scan_committed(folder: Path, units: list[WorkUnit]) -> Committed:
         if not st.complete and len(st.done_rows) >= u.num_rows:
             st.complete = True
     return Committed(states, corrupt)
+
+
+def _recorded_contents(folder: Path) -> dict[int, str]:
+    """Shard index -> the content digest job.json records for it (the job's truth)."""
+    try:
+        inputs = json.loads((folder / JOB_FILE).read_text())["details"]["inputs"]
+        return {i: s["content"] for i, s in enumerate(inputs) if s.get("content")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
 
 
 class FolderLock:

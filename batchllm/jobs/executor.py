@@ -3,6 +3,12 @@
     read rows ─► prepare ─► engine.add_request   (while in flight < ~3 × max_num_seqs)
     engine.step() ─► output rows ─► unit buffers ─► chunk files (every chunk_rows rows, every
                                                    commit_interval_s, and when a unit completes)
+
+Input rows arrive already checked against the bytes the job was planned with (the reader checks
+each block before its rows leave it); a Parquet file touched during the run has the row groups
+of a chunk's rows checked again before the chunk is committed. Either way a changed input stops
+the run with nothing read from the new version committed, and each chunk records the content
+digest of the input its rows came from.
 """
 from __future__ import annotations
 
@@ -14,10 +20,11 @@ from typing import Any, Callable, Iterator
 import pyarrow as pa
 
 from batchllm.core.outputs import RequestOutput
-from batchllm.io.readers import InputRow, Shard, iter_rows
+from batchllm.io.digests import InputChanged
+from batchllm.io.readers import InputRow, Shard, check_rows_unchanged, iter_rows
 from batchllm.io.schema import rows_to_table
 from batchllm.io.writers import WriteFailed, inside, write_arrow_atomic
-from batchllm.jobs.checkpoint import CHUNKS, Committed
+from batchllm.jobs.checkpoint import CHUNKS, Committed, chunk_metadata
 from batchllm.jobs.engine_api import EngineLike
 from batchllm.jobs.errors import EngineFailed, JobInputError, JobInterrupted, OutputWriteError
 from batchllm.jobs.plan import WorkUnit, chunk_name
@@ -119,6 +126,9 @@ class JobExecutor:
         except (JobInterrupted, OutputWriteError):
             self._abort_in_flight()
             raise
+        except InputChanged as e:  # nothing more is committed: finished rows are redone later
+            self._abort_in_flight()
+            raise JobInputError(str(e)) from None
         except BaseException:
             self._abort_in_flight()
             self._commit_all()  # keep what is finished, then let the failure through
@@ -163,7 +173,6 @@ class JobExecutor:
             i += len(group)
             by_row = iter(group)
             unit = next(by_row)
-            self._check_unchanged(shard)
             for r in iter_rows(self.shards[shard], start=group[0].start):
                 while r.row >= unit.stop:
                     unit = next(by_row, None)
@@ -174,7 +183,6 @@ class JobExecutor:
                 if r.row < unit.start or r.row in self.committed.units[unit.index].done_rows:
                     continue
                 yield unit.index, r
-            self._check_unchanged(shard)
 
     def _fed_rows(self, source: Callable[[], int | None]) -> Iterator[tuple[int, InputRow]]:
         """Rows of the units `source` hands out, one unit at a time. A reader stays open while the
@@ -184,7 +192,6 @@ class JobExecutor:
         while (index := source()) is not None:
             unit = self.units[index]
             done = self.committed.units[index].done_rows
-            self._check_unchanged(unit.shard)
             if shard != unit.shard or ahead is None or ahead.row > unit.start:
                 reader, shard = iter_rows(self.shards[unit.shard], start=unit.start), unit.shard
                 ahead = next(reader, None)
@@ -194,27 +201,10 @@ class JobExecutor:
                 if r.row >= unit.start and r.row not in done:
                     given += 1
                     yield index, r
-            self._check_unchanged(unit.shard)
             if given < expected:
                 raise JobInputError(f"the input had fewer rows than planned (unit {index}: "
                                     f"{expected - given} row(s) never read); an input shard "
                                     "changed during the run. Rerun to see which.")
-
-    def _check_unchanged(self, index: int) -> None:
-        """An input shard must keep the size and mtime it was planned with, for the whole run."""
-        shard = self.shards[index]
-        if shard.path is None:
-            return
-        try:
-            st = shard.path.stat()
-        except OSError as e:
-            raise JobInputError(f"input shard {shard.name} vanished during the run "
-                                f"({e.strerror or e}); committed rows are kept") from None
-        if (st.st_size, st.st_mtime_ns) != (shard.size, shard.mtime_ns):
-            raise JobInputError(
-                f"input shard {shard.name} changed during the run (size {shard.size} -> "
-                f"{st.st_size}, mtime_ns {shard.mtime_ns} -> {st.st_mtime_ns}); results would mix "
-                "two versions of it. Restore it, or rerun with --overwrite to start over.")
 
     def _open(self, unit_index: int) -> _OpenUnit:
         ou = self.open.get(unit_index)
@@ -262,7 +252,10 @@ class JobExecutor:
 
     def _commit(self, ou: _OpenUnit, last: bool) -> None:
         rows = sorted(ou.buffer, key=lambda r: (r["input_row"], r.get("sample_index") or 0))
-        table = rows_to_table(rows, self.schema)
+        shard = self.shards[ou.unit.shard]
+        if rows:
+            check_rows_unchanged(shard, rows[0]["input_row"], rows[-1]["input_row"] + 1)
+        table = rows_to_table(rows, self.schema).replace_schema_metadata(chunk_metadata(shard))
         path = inside(self.chunk_dir, chunk_name(ou.unit.index, ou.next_chunk, last))
         try:
             write_arrow_atomic(path, table)
@@ -279,8 +272,8 @@ class JobExecutor:
             if ou.buffer or ou.pending == 0:
                 try:
                     self._commit(ou, last=ou.pending == 0)
-                except OutputWriteError:
-                    return
+                except (OutputWriteError, InputChanged):
+                    return  # what is committed stays; the rest is redone by the next run
 
     def _interrupt(self) -> None:
         self._abort_in_flight()

@@ -10,6 +10,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from batchllm.io.schema import output_schema
 from batchllm.io.writers import WriteFailed, inside, read_arrow, safe_stem, write_arrow_atomic, \
     write_text_atomic
 from batchllm.jobs.checkpoint import CHUNKS, FINAL, read_job_record
@@ -29,15 +30,22 @@ def finalize(folder: str | Path) -> list[Path]:
         parsed = parse_chunk_name(path.name)
         if parsed is not None:
             by_unit.setdefault(parsed[0], []).append(path)
-    (folder / FINAL).mkdir(exist_ok=True)
+    try:
+        (folder / FINAL).mkdir(exist_ok=True)
+    except OSError as e:
+        raise OutputWriteError(f"cannot create {folder / FINAL}: {e.strerror or e}") from None
     written = []
+    empty = None  # the schema of an empty shard's file: any chunk's (all chunks share it)
     for i, shard in enumerate(shards):
-        tables = [read_arrow(p) for u in units if u.shard == i for p in by_unit.get(u.index, [])]
+        tables = [_read_chunk(p) for u in units if u.shard == i for p in by_unit.get(u.index, [])]
         table = pa.concat_tables(tables) if tables else None
         got = len(set(table["input_row"].to_pylist())) if table is not None else 0
         if got != shard["rows"]:
             raise JobError(f"cannot finalize {folder}: shard {shard['name']} has {got} of "
                            f"{shard['rows']} rows committed; rerun the job to finish it first")
+        if table is None:
+            empty = _empty_table(folder, details) if empty is None else empty
+            table = empty
         keys = [("input_row", "ascending")]
         if "sample_index" in table.column_names:
             keys.append(("sample_index", "ascending"))
@@ -57,6 +65,25 @@ def finalize(folder: str | Path) -> list[Path]:
         except WriteFailed as e:
             raise OutputWriteError(str(e.strerror or e)) from None
     return written
+
+
+def _read_chunk(path: Path) -> pa.Table:
+    try:
+        return read_arrow(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise JobError(f"cannot finalize: chunk {path} is unreadable ({str(e).splitlines()[0]}); "
+                       "rerun the job: it sets damaged chunks aside and redoes their rows") from None
+
+
+def _empty_table(folder: Path, details: dict[str, Any]) -> pa.Table:
+    """No rows: the schema of any committed chunk, else the job's (kept columns as text)."""
+    for path in sorted((folder / CHUNKS).glob("*.arrow")):
+        return _read_chunk(path).slice(0, 0)
+    sampling = details.get("sampling") or {}
+    keep = [pa.field(c, pa.string()) for c in (details.get("output") or {}).get("keep_columns", [])]
+    schema = output_schema(keep, top_logprobs=bool(sampling.get("logprobs")),
+                           samples=int(sampling.get("n") or 1) > 1)
+    return schema.empty_table()
 
 
 def openai_lines(table: pa.Table, model: str) -> list[dict[str, Any]]:

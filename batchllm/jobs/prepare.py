@@ -1,18 +1,20 @@
 """Pre-flight: everything that can fail a job is checked here, before any model work.
 
-Model present, input shards readable, the named columns present, output schema decided.
+Model present and its files whole, input shards readable and digested, the named columns
+present, ids unique (unless input.duplicate_ids: allow), output schema decided.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
 
-from batchllm.io.readers import InputError, Shard, find_input_files, input_columns, input_schema, \
-    memory_shard, open_shards
+from batchllm.io.readers import InputError, Shard, find_input_files, input_columns, memory_shard, \
+    open_shards
 from batchllm.io.schema import kept_fields, output_schema
-from batchllm.jobs.errors import JobInputError, JobModelError
+from batchllm.jobs.errors import JobInputError
+from batchllm.jobs.input_scan import scan_inputs
+from batchllm.jobs.model_check import check_model
 from batchllm.jobs.plan import WorkUnit, plan_units
 from batchllm.jobs.spec import JobSpec
 
@@ -29,21 +31,6 @@ class JobPlan:
         return sum(s.num_rows for s in self.shards)
 
 
-def check_model(model: str, where: str) -> None:
-    """The model is an existing folder / .gguf file or a known short name (nothing is fetched)."""
-    path = Path(model).expanduser()
-    if path.exists():
-        if path.is_dir() and not (path / "config.json").exists() and not any(path.glob("*.gguf")):
-            raise JobModelError(f"{where}: model folder {model} has no config.json (nor a .gguf "
-                                "file); point `model` at a Hugging Face model folder")
-        return
-    from batchllm import hub
-
-    if hub.known_model(model) is None:
-        raise JobModelError(f"{where}: model {model!r} is not an existing file or folder, nor a "
-                            f"known short name ({', '.join(hub.short_names())})")
-
-
 def plan_job(spec: JobSpec) -> JobPlan:
     where = spec.source or "job"
     check_model(spec.model, where)
@@ -58,12 +45,20 @@ def plan_job(spec: JobSpec) -> JobPlan:
         raise JobInputError(f"{where}: {e}") from None
     _check_columns(spec, shards, where)
     _finish_openai_defaults(spec, shards)
+    openai = any(s.format == "openai-batch" for s in shards)
+    id_column = spec.input.id_column or ("custom_id" if openai else None)
     try:
-        schema_in = input_schema(shards[0])
+        scan = scan_inputs(shards, id_column if spec.input.duplicate_ids == "refuse" else None,
+                           spec.output.keep_columns)
     except (OSError, pa.ArrowInvalid) as e:
-        raise JobInputError(f"{where}: {shards[0].name}: cannot read: {e}") from None
+        raise JobInputError(f"{where}: cannot read the input: {e}") from None
+    if scan.duplicate is not None:
+        raise JobInputError(
+            f"{where}: input.id_column {id_column!r}: {scan.duplicate.describe()}. Output rows are "
+            "matched to inputs by id, so ids must be unique: fix the input, or set "
+            "input.duplicate_ids: allow to accept them.")
     params = spec.sampling_params()
-    schema = output_schema(kept_fields(schema_in, spec.output.keep_columns),
+    schema = output_schema(kept_fields(scan.kept_types, spec.output.keep_columns),
                            top_logprobs=bool(params.logprobs), samples=params.n > 1)
     units = plan_units([s.num_rows for s in shards], spec.output.unit_rows)
     return JobPlan(spec, shards, units, schema)

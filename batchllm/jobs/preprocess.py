@@ -1,6 +1,10 @@
 """Input row -> engine request: prompt from its column, chat template, per-row overrides, length policy.
 
 Row-level problems never raise: they come back as a Prepared with `error` set (or `skipped`).
+Everything the engine and the writer will need is checked here, when the row is read: per-row
+settings (SamplingParams' types and ranges), the prompt's type, token ids' range, and text that
+UTF-8 cannot encode (refused in a prompt; escaped in the id and kept columns, which are written
+with the error row).
 """
 from __future__ import annotations
 
@@ -12,10 +16,12 @@ from typing import Any, Protocol
 
 from batchllm.io.readers import InputRow, Shard
 from batchllm.io.schema import kept_name
+from batchllm.io.text import escape_unencodable, unencodable
 from batchllm.jobs.spec import JobSpec
 from batchllm.sampling_params import SamplingParams, SamplingParamsError
 
 ROW_OVERRIDES = ("max_tokens", "temperature", "top_p", "seed", "stop")
+MAX_TOKEN_ID = 2**31 - 1  # what an int32 token column holds; the engine checks the vocabulary
 
 
 class TokenizerLike(Protocol):
@@ -83,8 +89,9 @@ class Preprocessor:
         p = Prepared(unit=unit, shard=r.shard, row=r.row, input_file=shard.name,
                      row_id=self._row_id(shard, r.row, data),
                      kept={kept_name(c): data.get(c) for c in self.spec.output.keep_columns})
-        if r.error is not None:
-            p.error = r.error
+        bad_text = self._unencodable(p)
+        if r.error is not None or bad_text is not None:
+            p.error = r.error or f"row {r.row} of {shard.name}: {bad_text}"
             return p
         try:
             p.params = self._params(data, p.row_id)
@@ -115,6 +122,21 @@ class Preprocessor:
         p.prompt_ids = ids
         return p
 
+    def _unencodable(self, p: Prepared) -> str | None:
+        """Why the row's id or kept values cannot be written as they are (then escaped), or None."""
+        found = unencodable(p.row_id)
+        if found:
+            p.row_id = escape_unencodable(p.row_id)
+            return (f"the id holds text that is not valid Unicode ({found}); it is written "
+                    "escaped, and the row is not run")
+        for name, value in p.kept.items():
+            found = unencodable(value)
+            if found:
+                p.kept = escape_unencodable(p.kept)
+                return (f"kept column {name!r} holds text that is not valid Unicode ({found}); "
+                        "it is written escaped, and the row is not run")
+        return None
+
     def _row_id(self, shard: Shard, row: int, data: dict[str, Any]) -> str:
         if self.id_column is not None and data.get(self.id_column) is not None:
             return str(data[self.id_column])
@@ -137,10 +159,17 @@ class Preprocessor:
             kind, column = ("messages", "messages") if "messages" in data else ("prompt", "prompt")
         value = data.get(column)
         if kind == "token_ids":
-            if not isinstance(value, (list, tuple)) or not value:
-                raise _RowError(f"empty or null token ids in column {column!r}")
-            if not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
-                raise _RowError(f"column {column!r} must hold a list of integer token ids")
+            if not isinstance(value, (list, tuple)):
+                raise _RowError(f"token ids in column {column!r} must be a list of integers, got "
+                                f"{describe_type(value)}")
+            if not value:
+                raise _RowError(f"empty list of token ids in column {column!r}")
+            bad = [t for t in value if not isinstance(t, int) or isinstance(t, bool)
+                   or not 0 <= t <= MAX_TOKEN_ID][:1]
+            if bad:
+                bad = bad[0]
+                raise _RowError(f"column {column!r} must hold a list of token ids (integers in "
+                                f"[0, {MAX_TOKEN_ID}]); it holds {bad!r}")
             return list(value)
         if self.tokenizer is None:
             raise _RowError("the engine has no tokenizer; give token ids (input.token_ids_column)")
@@ -149,8 +178,14 @@ class Preprocessor:
             messages = _messages(value, column)
             return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                            system_prompt=system))
-        if not isinstance(value, str) or not value.strip():
-            raise _RowError(f"empty or null prompt in column {column!r}")
+        if not isinstance(value, str):
+            raise _RowError(f"the prompt in column {column!r} must be a string, got "
+                            f"{describe_type(value)}")
+        if not value.strip():
+            raise _RowError(f"empty prompt in column {column!r}")
+        found = unencodable(value)
+        if found:
+            raise _RowError(f"the prompt in column {column!r} is not valid Unicode text ({found})")
         if system:
             return list(self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": value}], add_generation_prompt=True,
@@ -168,21 +203,48 @@ def row_seed(job_seed: object, row_id: str) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
+def describe_type(value: Any) -> str:
+    """A value's kind in a user's words: 'null', 'a number (5)', 'a list', 'an object (struct)'."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({value})"
+    if isinstance(value, (int, float)):
+        shown = repr(value)
+        return f"a number ({shown if len(shown) <= 24 else shown[:21] + '...'})"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return f"a list of {len(value)} item(s)"
+    if isinstance(value, dict):
+        return "an object (struct)"
+    return f"a {type(value).__name__}"
+
+
 def _messages(value: Any, column: str) -> list[dict[str, Any]]:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise _RowError(f"column {column!r} holds a string that is not a JSON list of "
                             "messages") from None
-    if not isinstance(value, (list, tuple)) or not value:
-        raise _RowError(f"empty or null messages in column {column!r}")
+    if not isinstance(value, (list, tuple)):
+        raise _RowError(f"messages in column {column!r} must be a list of {{role, content}} "
+                        f"objects, got {describe_type(value)}")
+    if not value:
+        raise _RowError(f"empty list of messages in column {column!r}")
     out = []
-    for m in value:
+    for i, m in enumerate(value):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(
                 m.get("content"), str):
-            raise _RowError(f"column {column!r}: each message needs a string role and content")
+            got = describe_type(m) if not isinstance(m, dict) else (
+                f"role {describe_type(m.get('role'))}, content {describe_type(m.get('content'))}")
+            raise _RowError(f"column {column!r}: message {i} needs a string role and content "
+                            f"(got {got})")
         out.append({"role": m["role"], "content": m["content"]})
     if not any(m["content"].strip() for m in out):
         raise _RowError(f"column {column!r}: every message is empty")
+    found = unencodable(out)
+    if found:
+        raise _RowError(f"column {column!r}: the messages are not valid Unicode text ({found})")
     return out

@@ -1,21 +1,19 @@
 """JobSpec: the validated job.yaml (model, input, output, sampling, engine, limits) and overrides."""
 from __future__ import annotations
 
-import difflib
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
 from batchllm.config import ConfigError, build_engine_config
+from batchllm.io.schema import kept_name
 from batchllm.jobs.errors import JobSpecError
+from batchllm.jobs.job_schema import check_job_dict, unknown_key
+from batchllm.jobs.job_yaml import parse_job_yaml, read_job_file
 from batchllm.sampling_params import SamplingParams, SamplingParamsError
 
 DEFAULT_MODEL = "smollm2-135m"
-INPUT_FORMATS = ("jsonl", "parquet", "openai-batch")
-OUTPUT_FORMATS = ("arrow", "openai-batch")
-TOO_LONG_POLICIES = ("error", "truncate_left", "skip")
 # Engine settings that change what a request generates (part of the job fingerprint).
 OUTPUT_AFFECTING_ENGINE_KEYS = ("dtype", "seed", "max_model_len", "load_format", "trust_remote_code",
                                 "allow_pickle", "kv_cache_dtype")
@@ -30,6 +28,7 @@ class InputSpec:
     token_ids_column: str | None = None
     id_column: str | None = None  # None: "<shard name>-<row index>"
     system_prompt: str | None = None
+    duplicate_ids: str = "refuse"  # refuse | allow: two rows with the same id in id_column
     data: Any = None  # Python API only: a pyarrow.Table or datasets.Dataset
 
     @property
@@ -78,51 +77,18 @@ class JobSpec:
         return int(self.engine.get("max_num_seqs", 256))
 
 
-_SECTIONS: dict[str, type] = {"input": InputSpec, "output": OutputSpec, "limits": LimitsSpec}
-_TOP_KEYS = ("model", "tokenizer", "input", "output", "sampling", "engine", "limits")
-
-
-def _unknown(where: str, key: str, valid: list[str]) -> JobSpecError:
-    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f" Did you mean {near[0]!r}?" if near else f" Valid keys: {', '.join(valid)}."
-    return JobSpecError(f"{where}: unknown key {key!r}.{hint}")
-
-
-def _section(cls: type, name: str, raw: object, where: str) -> Any:
-    if not isinstance(raw, Mapping):
-        raise JobSpecError(f"{where}: `{name}` must be a mapping, got {type(raw).__name__}")
-    valid = [f.name for f in fields(cls) if f.name != "data"]
-    for key in raw:
-        if key not in valid and not (cls is InputSpec and key == "data"):
-            raise _unknown(where, f"{name}.{key}", [f"{name}.{v}" for v in valid])
-    try:
-        return cls(**raw)
-    except TypeError as e:
-        raise JobSpecError(f"{where}: `{name}` is incomplete: {e}") from None
-
-
 def spec_from_dict(raw: Mapping[str, Any], source: str | None = None) -> JobSpec:
     """Validate a job dict (job.yaml's shape) without touching any file or model."""
     where = source or "job"
-    if not isinstance(raw, Mapping):
-        raise JobSpecError(f"{where}: a job must be a mapping of keys, got {type(raw).__name__}")
-    for key in raw:
-        if key not in _TOP_KEYS:
-            raise _unknown(where, str(key), list(_TOP_KEYS))
-    if "input" not in raw:
-        raise JobSpecError(f"{where}: missing key 'input' (input.path: a file, glob or folder)")
-    if "output" not in raw or not isinstance(raw["output"], Mapping) or "path" not in raw["output"]:
-        raise JobSpecError(f"{where}: missing key 'output.path' (the folder the results go to)")
-    inp = _section(InputSpec, "input", raw["input"], where)
-    out = _section(OutputSpec, "output", raw["output"], where)
-    limits = _section(LimitsSpec, "limits", raw.get("limits") or {}, where)
-    engine = raw.get("engine") or {}
-    if not isinstance(engine, Mapping):
-        raise JobSpecError(f"{where}: `engine` must be a mapping, got {type(engine).__name__}")
-    engine = dict(engine)
-    spec = JobSpec(input=inp, output=out, limits=limits, source=source,
-                   model=str(raw.get("model") or DEFAULT_MODEL),
-                   tokenizer=raw.get("tokenizer"),
+    check_job_dict(raw, where)  # every key's type and range; below, what needs several keys
+    engine = dict(raw.get("engine") or {})
+    inp = dict(raw["input"])
+    out = dict(raw["output"])
+    inp["path"] = None if inp.get("path") is None else os.fspath(inp["path"])
+    out["path"] = os.fspath(out["path"])
+    spec = JobSpec(input=InputSpec(**inp), output=OutputSpec(**out),
+                   limits=LimitsSpec(**(raw.get("limits") or {})), source=source,
+                   model=raw.get("model") or DEFAULT_MODEL, tokenizer=raw.get("tokenizer"),
                    sampling=dict(raw.get("sampling") or {}), engine=engine,
                    data_parallel_size=engine.pop("data_parallel_size", 1))
     validate_spec(spec)
@@ -130,49 +96,44 @@ def spec_from_dict(raw: Mapping[str, Any], source: str | None = None) -> JobSpec
 
 
 def validate_spec(spec: JobSpec) -> None:
-    """Check every value that can be checked without reading inputs or loading the model."""
+    """Checks across keys, and the sampling and engine values (each by its own validation)."""
     where = spec.source or "job"
     inp, out = spec.input, spec.output
     if inp.path is None and inp.data is None:
         raise JobSpecError(f"{where}: missing key 'input.path'")
-    if inp.format is not None and inp.format not in INPUT_FORMATS:
-        raise JobSpecError(f"{where}: input.format={inp.format!r} is invalid: expected "
-                           + " | ".join(INPUT_FORMATS))
     named = [k for k in ("prompt_column", "messages_column", "token_ids_column") if getattr(inp, k)]
     if len(named) > 1:
         raise JobSpecError(f"{where}: give only one of input.{', input.'.join(named)}")
-    if not isinstance(out.keep_columns, list) or not all(isinstance(c, str) for c in out.keep_columns):
-        raise JobSpecError(f"{where}: output.keep_columns must be a list of column names")
-    if out.format not in OUTPUT_FORMATS:
-        raise JobSpecError(f"{where}: output.format={out.format!r} is invalid: expected "
-                           + " | ".join(OUTPUT_FORMATS))
-    for key in ("unit_rows", "chunk_rows"):
-        if not isinstance(getattr(out, key), int) or getattr(out, key) < 1:
-            raise JobSpecError(f"{where}: output.{key}={getattr(out, key)!r} must be an integer >= 1")
-    if spec.limits.prompt_too_long not in TOO_LONG_POLICIES:
-        raise JobSpecError(f"{where}: limits.prompt_too_long={spec.limits.prompt_too_long!r} is "
-                           "invalid: expected " + " | ".join(TOO_LONG_POLICIES))
+    clash = _clashing_names(out.keep_columns)
+    if clash:
+        raise JobSpecError(f"{where}: output.keep_columns: {clash}")
     unknown = [k for k in spec.sampling if k not in SamplingParams.field_names()]
     if unknown:
-        raise _unknown(where, f"sampling.{unknown[0]}",
-                       [f"sampling.{n}" for n in SamplingParams.field_names()])
+        raise unknown_key(where, f"sampling.{unknown[0]}",
+                          [f"sampling.{n}" for n in SamplingParams.field_names()])
     try:
         spec.sampling_params()
-    except (SamplingParamsError, TypeError) as e:
-        raise JobSpecError(f"{where}: sampling: {e}") from None
-    dp = spec.data_parallel_size
-    if dp != "auto" and (not isinstance(dp, int) or isinstance(dp, bool) or dp < 1):
-        raise JobSpecError(f"{where}: engine.data_parallel_size={dp!r} is invalid: expected an "
-                           "integer >= 1 (engine replicas, one per GPU) or 'auto' (every visible GPU)")
+    except SamplingParamsError as e:
+        raise JobSpecError(f"{where}: sampling.{e}") from None
     if "model" in spec.engine or "tokenizer" in spec.engine:
         raise JobSpecError(f"{where}: put model / tokenizer at the top level, not under engine")
     try:
         engine = {k: v for k, v in spec.engine.items() if k != "skip_tokenizer_init"}
         build_engine_config(spec.model, tokenizer=spec.tokenizer, **engine)
-    except ConfigError as e:
-        raise JobSpecError(f"{where}: engine: {e}") from None
-    except TypeError as e:
-        raise JobSpecError(f"{where}: engine: {e}") from None
+    except (ConfigError, TypeError, ValueError) as e:
+        named = "=" in str(e).split(" ", 1)[0]  # "max_num_seqs=0 is invalid: ..."
+        raise JobSpecError(f"{where}: engine{'.' if named else ': '}{e}") from None
+
+
+def _clashing_names(keep: list[str]) -> str | None:
+    """Two kept columns that would be written under one name (`id` and `input_id`)."""
+    seen: dict[str, str] = {}
+    for c in keep:
+        name = kept_name(c)
+        if name in seen:
+            return f"{seen[name]!r} and {c!r} would both be written as {name!r}; keep only one"
+        seen[name] = c
+    return None
 
 
 def parse_set(assignment: str) -> tuple[str, Any]:
@@ -181,9 +142,10 @@ def parse_set(assignment: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise JobSpecError(f"--set {assignment!r}: expected key=value, e.g. sampling.max_tokens=8")
     try:
-        return key.strip(), yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError as e:
-        raise JobSpecError(f"--set {assignment!r}: the value is not valid YAML: {e}") from None
+        return key.strip(), parse_job_yaml(value, f"--set {assignment!r}") if value.strip() \
+            else None
+    except JobSpecError as e:
+        raise JobSpecError(f"{e} (the value after '=' is read as YAML)") from None
 
 
 def merge_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -193,7 +155,9 @@ def merge_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[s
         parts = key.split(".")
         node = out
         for p in parts[:-1]:
-            node = node.setdefault(p, {})
+            if node.get(p) is None:
+                node[p] = {}  # `engine:` left empty in the file is an empty section
+            node = node[p]
             if not isinstance(node, dict):
                 raise JobSpecError(f"override {key!r}: {p!r} is not a section")
         last = parts[-1]
@@ -206,21 +170,6 @@ def merge_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[s
 
 def _deep_copy(d: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in d.items()}
-
-
-def read_job_file(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise JobSpecError(f"cannot read job file {p}: {e.strerror or e}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise JobSpecError(f"{p}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise JobSpecError(f"{p}: a job file must be a mapping of keys (model, input, output, ...)")
-    return raw
 
 
 def load_spec(spec: "str | Path | Mapping[str, Any] | JobSpec",
@@ -240,7 +189,7 @@ def load_spec(spec: "str | Path | Mapping[str, Any] | JobSpec",
     if overrides:
         raw = merge_overrides(raw, overrides)
     inp = raw.get("input")
-    if inp is not None and not isinstance(inp, Mapping) and not isinstance(inp, (str, Path)):
+    if hasattr(inp, "num_rows") and hasattr(inp, "column_names"):
         raw["input"] = {"data": inp}  # a pyarrow.Table or datasets.Dataset
     elif isinstance(inp, (str, Path)):
         raw["input"] = {"path": str(inp)}

@@ -15,7 +15,7 @@ BASE = {"input": {"path": "in.jsonl"}, "output": {"path": "out"}}
     ({**BASE, "sampler": {}}, "'sampling'"),
     ({**BASE, "input": {"path": "x", "prompt_colum": "p"}}, "'input.prompt_column'"),
     ({**BASE, "sampling": {"max_token": 5}}, "'sampling.max_tokens'"),
-    ({**BASE, "engine": {"max_num_seq": 5}}, "'max_num_seqs'"),
+    ({**BASE, "engine": {"max_num_seq": 5}}, "'engine.max_num_seqs'"),
     ({**BASE, "output": {"path": "o", "keep_column": ["a"]}}, "'output.keep_columns'"),
 ])
 def test_unknown_key_fails_naming_the_nearest_valid_key(raw: dict, hint: str) -> None:
