@@ -81,7 +81,7 @@ class SamplingParams:
         number("min_p", _is_number(self.min_p) and 0 <= self.min_p <= 1, "a number in [0, 1]")
         if self.seed is not None and not (_is_int(self.seed) and SEED_MIN <= self.seed
                                           and self.seed + self.n - 1 <= SEED_MAX):
-            raise bad("seed", f"an integer in [-2**63, 2**64 - n] (a 64-bit seed; sample i of n "
+            raise bad("seed", "an integer in [-2**63, 2**64 - n] (a 64-bit seed; sample i of n "
                               "uses seed + i) or null")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)

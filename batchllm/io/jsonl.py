@@ -42,7 +42,10 @@ def verified_jsonl_lines(path: Path, name: str, digest: FileDigest,
             lo, hi = digest.rows_of(k)
             lines, h = [], hashlib.blake2b(digest_size=8)
             while len(lines) < hi - lo:
-                line = f.readline()
+                try:
+                    line = f.readline()
+                except OSError as e:
+                    raise changed(name, f"it cannot be read: {e.strerror or e}") from None
                 if not line:
                     raise changed(name, f"it ends before row {lo + len(lines)}; "
                                         f"{digest.num_rows} rows were planned")

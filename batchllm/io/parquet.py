@@ -44,7 +44,14 @@ def iter_parquet_batches(path: Path, name: str, start: int, columns: list[str] |
                 if range_digest(raw, b.offset, b.end) != b.digest:
                     raise changed(name, f"row group {g} (rows {offset}-{offset + n - 1}) "
                                       "differs from the planned bytes")
-            for batch in pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[g], columns=columns):
+            batches = pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[g], columns=columns)
+            while True:
+                try:
+                    batch = next(batches, None)
+                except (pa.ArrowInvalid, OSError) as e:  # it was whole when planned
+                    raise changed(name, f"row group {g} cannot be read: {e}") from None
+                if batch is None:
+                    break
                 if offset + batch.num_rows > start:
                     lo = max(0, start - offset)
                     yield offset + lo, batch.slice(lo)

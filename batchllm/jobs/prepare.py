@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from batchllm.io.digests import InputChanged
 from batchllm.io.readers import InputError, Shard, find_input_files, input_columns, memory_shard, \
     open_shards
 from batchllm.io.schema import kept_fields, output_schema
@@ -41,15 +42,14 @@ def plan_job(spec: JobSpec) -> JobPlan:
             shards = [memory_shard(spec.input.data)]
         else:
             shards = open_shards(find_input_files(str(spec.input.path)), spec.input.format)
-    except InputError as e:
-        raise JobInputError(f"{where}: {e}") from None
-    _check_columns(spec, shards, where)
-    _finish_openai_defaults(spec, shards)
-    openai = any(s.format == "openai-batch" for s in shards)
-    id_column = spec.input.id_column or ("custom_id" if openai else None)
-    try:
+        _check_columns(spec, shards, where)
+        _finish_openai_defaults(spec, shards)
+        openai = any(s.format == "openai-batch" for s in shards)
+        id_column = spec.input.id_column or ("custom_id" if openai else None)
         scan = scan_inputs(shards, id_column if spec.input.duplicate_ids == "refuse" else None,
                            spec.output.keep_columns)
+    except (InputError, InputChanged) as e:
+        raise JobInputError(f"{where}: {e}") from None
     except (OSError, pa.ArrowInvalid) as e:
         raise JobInputError(f"{where}: cannot read the input: {e}") from None
     if scan.duplicate is not None:

@@ -8,8 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchllm.io.readers import (InputError, find_input_files, iter_rows, memory_shard,
-                                 open_shards)
+from batchllm.io import digests
+from batchllm.io.digests import InputChanged
+from batchllm.io.readers import (InputError, check_rows_unchanged, find_input_files, iter_rows,
+                                 memory_shard, open_shards)
 
 
 def write_jsonl(path: Path, lines: list[str]) -> Path:
@@ -70,3 +72,61 @@ def test_in_memory_table_is_one_shard_whose_hash_follows_the_content() -> None:
     b = memory_shard(pa.table({"prompt": ["x", "z"]}))
     assert a.num_rows == 2 and a.content_hash != b.content_hash
     assert [r.data["prompt"] for r in iter_rows(a, start=1)] == ["y"]
+
+
+def test_jsonl_digest_blocks_by_rows_and_bytes_and_reading_from_any_row(
+        tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(digests, "BLOCK_ROWS", 4)
+    monkeypatch.setattr(digests, "BLOCK_BYTES", 100)
+    lines = [json.dumps({"prompt": f"p{i}"}) for i in range(10)]
+    lines[6] = json.dumps({"prompt": "x" * 120})  # a long line closes its block early
+    p = write_jsonl(tmp_path / "a.jsonl", lines[:3] + ["", "  "] + lines[3:])
+    (shard,) = open_shards([p], None)
+    assert shard.num_rows == 10
+    assert [b.first_row for b in shard.digest.blocks] == [0, 4, 7]
+    for start in (0, 3, 4, 6, 7, 9):
+        assert [r.row for r in iter_rows(shard, start=start)] == list(range(start, 10))
+        assert next(iter_rows(shard, start=start)).data == json.loads(lines[start])
+    same = write_jsonl(tmp_path / "b.jsonl", lines[:3] + ["", "  "] + lines[3:])
+    assert open_shards([same], None)[0].content_hash == shard.content_hash
+    other = write_jsonl(tmp_path / "c.jsonl", lines[:3] + ["", " "] + lines[3:])  # one byte
+    assert open_shards([other], None)[0].content_hash != shard.content_hash
+
+
+def test_a_jsonl_changed_after_planning_is_caught_at_its_first_changed_block(
+        tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(digests, "BLOCK_ROWS", 4)
+    rows = [json.dumps({"prompt": f"p{i}"}) for i in range(12)]
+    p = write_jsonl(tmp_path / "a.jsonl", rows)
+    (shard,) = open_shards([p], None)
+    write_jsonl(p, rows[:5] + [json.dumps({"prompt": "P5"})] + rows[6:])  # same size
+    got = []
+    with pytest.raises(InputChanged, match=r"a\.jsonl changed during the run \(rows 4-7 differ"):
+        for r in iter_rows(shard):
+            got.append(r.row)
+    assert got == [0, 1, 2, 3]  # the rows of the intact block, and none of the changed one
+    assert [r.row for r in iter_rows(shard, start=8)] == [8, 9, 10, 11]  # later blocks: intact
+    assert [r.row for r in iter_rows(shard, start=4, verify=False)][:1] == [4]  # pre-flight
+
+
+def test_a_parquet_changed_after_planning_is_caught_per_row_group(tmp_path: Path) -> None:
+    p = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"prompt": [f"p{i}" for i in range(9)]}), p, row_group_size=3)
+    (shard,) = open_shards([p], None)
+    assert [b.first_row for b in shard.digest.blocks] == [0, 3, 6]
+    check_rows_unchanged(shard, 0, 9)  # untouched: nothing to do
+    p.write_bytes(p.read_bytes())  # touched: same bytes, new ctime
+    check_rows_unchanged(shard, 0, 9)
+    pq.write_table(pa.table({"prompt": [f"q{i}" for i in range(9)]}), p, row_group_size=3)
+    with pytest.raises(InputChanged, match=r"a\.parquet changed during the run"):
+        check_rows_unchanged(shard, 3, 6)
+    with pytest.raises(InputChanged, match=r"a\.parquet changed during the run"):
+        list(iter_rows(shard))
+
+
+def test_a_deeply_nested_jsonl_line_is_a_malformed_row_not_a_crash(tmp_path: Path) -> None:
+    p = write_jsonl(tmp_path / "a.jsonl", ['{"prompt": ' + "[" * 100000 + "]" * 100000 + "}",
+                                           '{"prompt": "ok"}'])
+    (shard,) = open_shards([p], None)
+    bad, good = iter_rows(shard)
+    assert bad.data is None and "nested too deeply" in bad.error and good.data == {"prompt": "ok"}
