@@ -157,3 +157,31 @@ def greedy_sample(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     bad_rows = ~torch.isfinite(lse)
     token_logprobs = logits.gather(1, tokens[:, None])[:, 0] - lse
     return torch.where(bad_rows, torch.zeros_like(tokens), tokens), token_logprobs, bad_rows
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor) -> torch.Tensor:
+    """Mixture-of-experts MLP of routed tokens: sum over k of topk_weights[t, k] *
+    down_e(silu(gate_e(x_t)) * up_e(x_t)) with e = topk_ids[t, k].
+
+    x: [T, H]; w13: [E, 2I, H], each expert's [gate; up] rows; w2: [E, H, I]; topk_weights:
+    [T, K] (float32); topk_ids: [T, K] (any integer dtype, values in [0, E)). Returns [T, H] in
+    x's dtype. Token-expert pairs are grouped by expert, one product per expert hit (a host sync
+    for the group sizes: fine for this reference, not for a captured graph)."""
+    num_tokens, top_k = topk_ids.shape
+    if num_tokens == 0:
+        return torch.zeros_like(x)
+    out = torch.empty(num_tokens * top_k, x.shape[1], dtype=torch.float32, device=x.device)
+    flat = topk_ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)  # pair ids t * K + k, grouped by expert
+    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        pairs = order[start:start + count]
+        h = silu_and_mul(F.linear(x[pairs // top_k], w13[expert]))
+        out[pairs] = F.linear(h, w2[expert]).float()
+        start += count
+    weighted = out.view(num_tokens, top_k, -1) * topk_weights.float()[:, :, None]
+    return weighted.sum(dim=1).to(x.dtype)
