@@ -25,6 +25,7 @@ class KernelSet:
     fused_add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     rotary_embedding: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     silu_and_mul: Callable[..., torch.Tensor]
+    gelu_tanh_and_mul: Callable[..., torch.Tensor]
     fused_moe: Callable[..., torch.Tensor]  # routed experts' MLP (reference.fused_moe)
 
 
@@ -63,7 +64,8 @@ def get_kernels(backend: str) -> KernelSet:
         from batchllm.kernels import reference as ref
 
         return KernelSet("torch", ref.paged_attention, ref.write_kv, ref.rms_norm, ref.fused_add_rms_norm,
-                         ref.rotary_embedding, ref.silu_and_mul, fused_moe=ref.fused_moe)
+                         ref.rotary_embedding, ref.silu_and_mul, gelu_tanh_and_mul=ref.gelu_tanh_and_mul,
+                         fused_moe=ref.fused_moe)
     if backend == "triton":
         if importlib.util.find_spec("triton") is None:
             raise RuntimeError("kernel backend 'triton' needs the triton package: `pip install triton`, "
@@ -74,5 +76,6 @@ def get_kernels(backend: str) -> KernelSet:
         return KernelSet("triton", triton_attention.paged_attention, triton_cache.write_kv,
                          triton_norm.rms_norm, triton_norm.fused_add_rms_norm,
                          triton_rotary.rotary_embedding, triton_activation.silu_and_mul,
+                         gelu_tanh_and_mul=triton_activation.gelu_tanh_and_mul,
                          fused_moe=triton_moe.fused_moe)
     raise ValueError(f"unknown kernel backend {backend!r}: expected one of {', '.join(BACKENDS)}")

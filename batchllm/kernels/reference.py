@@ -8,7 +8,8 @@ Layouts shared by all backends:
   block_tables: [B, max_blocks] int32 (unused entries are arbitrary); seq_lens: [B] int32, the
   context length of each request *including* this step's tokens; query_start_loc: [B + 1] int32,
   cumulative query lengths. Request b's queries sit at positions seq_len - q_len .. seq_len - 1 and
-  attend causally to every key at a position <= their own.
+  attend causally to every key at a position <= their own; with a sliding window W (a layer's
+  constant), only to the W keys at positions q_pos - W + 1 .. q_pos.
 """
 from __future__ import annotations
 
@@ -53,16 +54,22 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     query_start_loc: torch.Tensor, scale: float,
                     max_query_len: int, max_seq_len: int,
                     shared_prefix_len: torch.Tensor | None = None,
-                    seq_order: torch.Tensor | None = None) -> torch.Tensor:
+                    seq_order: torch.Tensor | None = None,
+                    sliding_window: int | None = None) -> torch.Tensor:
     """Causal attention of a mixed batch (prefill chunks and decode tokens) over the paged cache.
 
     The step's own K/V must already be written to the cache. Returns [T, H, D] in q's dtype.
     shared_prefix_len (the number of leading keys every request finds in the same blocks) only
     lets a backend read those keys once, and seq_order (a permutation of the requests) only the
     order a backend starts them in; the result is the same, so this reference ignores both.
+    sliding_window: W, or None for full causal attention; keys at positions < q_pos - W + 1 are
+    masked (each query sees W keys, itself included, as HF's sliding-window mask).
     """
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be at least 1 (or None), got {sliding_window}")
     if max_query_len == 1 and q.shape[0] == seq_lens.shape[0]:
-        return _decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len)
+        return _decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len,
+                                 sliding_window)
     out = torch.empty_like(q)
     num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -80,7 +87,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             vb = vb.repeat_interleave(group, dim=0)
         q_len = e - s
         q_pos = torch.arange(ctx - q_len, ctx, device=q.device)
-        mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]  # [q, ctx]
+        k_pos = torch.arange(ctx, device=q.device)[None, :]
+        mask = k_pos <= q_pos[:, None]  # [q, ctx]
+        if sliding_window is not None:
+            mask &= k_pos > q_pos[:, None] - sliding_window
         ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
         out[s:e] = ob.transpose(0, 1)
     return out
@@ -88,9 +98,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                      max_seq_len: int) -> torch.Tensor:
+                      max_seq_len: int, sliding_window: int | None = None) -> torch.Tensor:
     """Decode-only batches (one query per request) in one batched call: every request's blocks
-    are gathered to a padded [B, L] context and keys past its length are masked."""
+    are gathered to a padded [B, L] context and keys past its length (or before its window) are
+    masked."""
     block_size = k_cache.shape[1]
     num_blocks = min(block_tables.shape[1], (max_seq_len + block_size - 1) // block_size)
     # entries past a request's last block are arbitrary: clamp them to a valid id, then mask
@@ -98,7 +109,10 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     b = q.shape[0]
     k = k_cache[table].reshape(b, num_blocks * block_size, *k_cache.shape[2:]).to(q.dtype)
     v = v_cache[table].reshape(b, num_blocks * block_size, *v_cache.shape[2:]).to(q.dtype)
-    mask = torch.arange(k.shape[1], device=q.device)[None, :] < seq_lens.long()[:, None]  # [B, L]
+    k_pos = torch.arange(k.shape[1], device=q.device)[None, :]
+    mask = k_pos < seq_lens.long()[:, None]  # [B, L]
+    if sliding_window is not None:  # the query sits at seq_len - 1
+        mask &= k_pos >= seq_lens.long()[:, None] - sliding_window
     # unwritten slots may hold anything (NaN included): zero them so 0-weight never meets NaN
     pad = ~mask[:, :, None, None]
     k.masked_fill_(pad, 0.0)  # k and v are fresh gathered copies: clean them in place
@@ -109,18 +123,21 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     return out[:, :, 0, :]
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in float32, returned in x's dtype."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             weight_offset: float = 0.0) -> torch.Tensor:
+    """RMSNorm computed in float32, returned in x's dtype. The scale is weight + weight_offset
+    (in float32): Gemma's norms store weight - 1 and pass weight_offset=1.0."""
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.float()).to(x.dtype)
+    scale = weight.float() + weight_offset if weight_offset else weight.float()
+    return (y * scale).to(x.dtype)
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                       eps: float, weight_offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual), x + residual): the pre-norm block's add-then-normalize."""
     new_residual = x + residual
-    return rms_norm(new_residual, weight, eps), new_residual
+    return rms_norm(new_residual, weight, eps, weight_offset), new_residual
 
 
 def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
@@ -142,6 +159,13 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for x = cat(gate, up) along the last dim."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(gate) * up for x = cat(gate, up) along the last dim (GeGLU with the tanh
+    approximation of GELU, HF's `gelu_pytorch_tanh`)."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
 
 
 def greedy_sample(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -21,6 +21,15 @@ partials by their (max, sum), exactly as for split-KV:
 
     keys of request b:  [ shared prefix: block_tables[0, :P] ][ own keys ... ctx-1 ]
                           ^ all rows of the batch at once       ^ per request
+
+Sliding window (a layer's constant W, compiled in only when given: the WINDOW flag): a query at
+position p sees keys p - W + 1 .. p. A tile of queries starts at the key tile holding its first
+query's first key; the tiles before the last query's first key are masked per row, as are the
+causal diagonal's; those between need no mask. The shared-prefix path is not used with a window
+(its keys are read whole for every row): such a layer runs the plain path.
+
+    keys of request b:  0 .... [ masked | unmasked ......... | causal ] ctx-1
+                               ^ first query's window start   ^ first query
 """
 from __future__ import annotations
 
@@ -44,11 +53,12 @@ def _grid(grid0: int, num_seqs: int, num_kv_heads: int) -> tuple[int, int, int]:
 
 
 @triton.jit
-def _attend(acc, m_i, l_i, q, q_pos, lo, end, hi, table_ptr, k_ptr, v_ptr,
+def _attend(acc, m_i, l_i, q, q_pos, lo, end, hi, window, table_ptr, k_ptr, v_ptr,
             stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
             offs_d, d_ok, qk_scale, BLOCK_N: tl.constexpr, CACHE_BLOCK: tl.constexpr,
-            IEEE: tl.constexpr, MASK: tl.constexpr):
-    """Online-softmax update over key tiles [lo, end); MASK applies the causal and `hi` limits."""
+            IEEE: tl.constexpr, MASK: tl.constexpr, WINDOW: tl.constexpr):
+    """Online-softmax update over key tiles [lo, end); MASK applies the causal and `hi` limits
+    (and, with WINDOW, each row's window start)."""
     for start in range(lo, end, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_ok = offs_n < hi
@@ -67,7 +77,11 @@ def _attend(acc, m_i, l_i, q, q_pos, lo, end, hi, table_ptr, k_ptr, v_ptr,
             s = tl.dot(q, k)
         s = s * qk_scale  # log2 domain: exp2 is the native instruction
         if MASK:
-            s = tl.where(n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None]), s, _MASKED)
+            if WINDOW:
+                s = tl.where(n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
+                             & (offs_n[None, :] > q_pos[:, None] - window), s, _MASKED)
+            else:
+                s = tl.where(n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None]), s, _MASKED)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -84,12 +98,14 @@ def _attend(acc, m_i, l_i, q, q_pos, lo, end, hi, table_ptr, k_ptr, v_ptr,
 
 
 @triton.jit
-def _attend_keys(q, q_pos, lo, full_end, hi, table_ptr, k_ptr, v_ptr,
+def _attend_keys(q, q_pos, lo, win_end, full_end, hi, window, table_ptr, k_ptr, v_ptr,
                  stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
                  offs_d, d_ok, scale, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                 CACHE_BLOCK: tl.constexpr, IEEE: tl.constexpr, KV_FP8: tl.constexpr):
+                 CACHE_BLOCK: tl.constexpr, IEEE: tl.constexpr, KV_FP8: tl.constexpr,
+                 WINDOW: tl.constexpr):
     """Unnormalized attention (acc, max, sum) of the rows of q to keys [lo, hi): the tiles before
-    full_end unmasked, the rest with the causal (q_pos) and `hi` limits."""
+    full_end unmasked, the rest with the causal (q_pos) and `hi` limits. WINDOW: the tiles
+    [lo, win_end) are masked by each row's window start too (and so is the causal part)."""
     qk_scale = scale * 1.4426950408889634  # log2(e)
     if KV_FP8:
         # float8 K/V convert to float16 in one instruction per pair (bf16 takes several): compute
@@ -99,12 +115,17 @@ def _attend_keys(q, q_pos, lo, full_end, hi, table_ptr, k_ptr, v_ptr,
     m_i = tl.full([BLOCK_M], _MASKED, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, lo, full_end, hi, table_ptr, k_ptr, v_ptr,
+    if WINDOW:
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, lo, win_end, hi, window, table_ptr, k_ptr, v_ptr,
+                                stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
+                                offs_d, d_ok, qk_scale, BLOCK_N, CACHE_BLOCK, IEEE, True, True)
+        lo = win_end
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, lo, full_end, hi, window, table_ptr, k_ptr, v_ptr,
                             stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-                            offs_d, d_ok, qk_scale, BLOCK_N, CACHE_BLOCK, IEEE, False)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, full_end, hi, hi, table_ptr, k_ptr, v_ptr,
+                            offs_d, d_ok, qk_scale, BLOCK_N, CACHE_BLOCK, IEEE, False, False)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, full_end, hi, hi, window, table_ptr, k_ptr, v_ptr,
                             stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-                            offs_d, d_ok, qk_scale, BLOCK_N, CACHE_BLOCK, IEEE, True)
+                            offs_d, d_ok, qk_scale, BLOCK_N, CACHE_BLOCK, IEEE, True, WINDOW)
     return acc, m_i, l_i
 
 
@@ -125,10 +146,10 @@ def _store_partial(part_ptr, ml_ptr, tok, head, split, acc, m_i, l_i, row_ok, of
 _VARYING = ["num_splits", "stride_mlt", "stride_mlh", "stride_mls", "split_base"]
 
 
-@triton.jit(do_not_specialize=["stride_bt"] + _VARYING)
+@triton.jit(do_not_specialize=["stride_bt", "window"] + _VARYING)
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, ml_ptr,
-    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, prefix_len_ptr, seq_order_ptr, scale,
+    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, prefix_len_ptr, seq_order_ptr, scale, window,
     stride_qt, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -139,7 +160,7 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CACHE_BLOCK: tl.constexpr,
     SPLIT: tl.constexpr, IEEE: tl.constexpr, KV_FP8: tl.constexpr, SHARED_PREFIX: tl.constexpr,
-    ORDERED: tl.constexpr,
+    ORDERED: tl.constexpr, WINDOW: tl.constexpr,
 ):
     kvh = tl.program_id(0)  # grid: see _grid
     pid0 = tl.program_id(1)
@@ -178,6 +199,8 @@ def _paged_attention_kernel(
     lo = 0
     if SHARED_PREFIX:  # the keys before prefix_len are another kernel's (_shared_prefix_kernel)
         lo = tl.load(prefix_len_ptr)
+    if WINDOW:  # from the key tile holding the first query's first key (tiles start at multiples of BLOCK_N)
+        lo = tl.maximum(ctx - q_len + tile * BLOCK_Q - window + 1, 0) // BLOCK_N * BLOCK_N
     if SPLIT:
         per_split = tl.cdiv(tl.cdiv(hi - lo, num_splits), BLOCK_N) * BLOCK_N
         lo = lo + split * per_split
@@ -187,10 +210,15 @@ def _paged_attention_kernel(
     # (the causal diagonal and the context's ragged end) do.
     diag = ctx - q_len + tile * BLOCK_Q + 1
     full_end = lo + tl.maximum(tl.minimum(hi, diag) - lo, 0) // BLOCK_N * BLOCK_N
-    acc, m_i, l_i = _attend_keys(q, q_pos, lo, full_end, hi, block_tables_ptr + b * stride_bt,
+    win_end = lo
+    if WINDOW:  # keys from the last query's first key on are in every row's window
+        w_all = ctx - q_len + last_q - window + 1
+        win_end = tl.minimum(lo + tl.cdiv(tl.maximum(w_all - lo, 0), BLOCK_N) * BLOCK_N, full_end)
+    acc, m_i, l_i = _attend_keys(q, q_pos, lo, win_end, full_end, hi, window, block_tables_ptr + b * stride_bt,
                                  k_cache_ptr + kvh * stride_kh, v_cache_ptr + kvh * stride_vh,
                                  stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-                                 offs_d, d_ok, scale, BLOCK_M, BLOCK_D, BLOCK_N, CACHE_BLOCK, IEEE, KV_FP8)
+                                 offs_d, d_ok, scale, BLOCK_M, BLOCK_D, BLOCK_N, CACHE_BLOCK, IEEE, KV_FP8,
+                                 WINDOW)
 
     if SPLIT:
         _store_partial(out_ptr, ml_ptr, tok, head, split + split_base, acc, m_i, l_i, row_ok, offs_d, d_ok,
@@ -263,10 +291,11 @@ def _shared_prefix_kernel(
     hi = tl.minimum(prefix, lo + per_split)
     q_pos = tl.zeros([BLOCK_M], dtype=tl.int32) + hi  # every query comes after every shared key
     full_end = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
-    acc, m_i, l_i = _attend_keys(q, q_pos, lo, full_end, hi, block_tables_ptr,
+    acc, m_i, l_i = _attend_keys(q, q_pos, lo, lo, full_end, hi, 0, block_tables_ptr,
                                  k_cache_ptr + kvh * stride_kh, v_cache_ptr + kvh * stride_vh,
                                  stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-                                 offs_d, d_ok, scale, BLOCK_M, BLOCK_D, BLOCK_N, CACHE_BLOCK, IEEE, KV_FP8)
+                                 offs_d, d_ok, scale, BLOCK_M, BLOCK_D, BLOCK_N, CACHE_BLOCK, IEEE, KV_FP8,
+                                 False)
     _store_partial(part_ptr, ml_ptr, tok, head, split, acc, m_i, l_i, row_ok, offs_d, d_ok,
                    stride_pt, stride_ph, stride_ps, stride_pd, stride_mlt, stride_mlh, stride_mls)
 
@@ -312,10 +341,13 @@ def paged_attention_splits(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            block_tables: torch.Tensor, seq_lens: torch.Tensor,
                            query_start_loc: torch.Tensor, scale: float, max_query_len: int,
                            num_splits: int, tiles: tuple[int, int, int, int] | None = None,
-                           seq_order: torch.Tensor | None = None) -> torch.Tensor:
+                           seq_order: torch.Tensor | None = None,
+                           sliding_window: int | None = None) -> torch.Tensor:
     """paged_attention with an explicit number of KV splits (1 = single pass, no merge).
 
-    tiles: (BLOCK_M, BLOCK_N, num_warps, num_stages) to override the defaults (for tuning)."""
+    tiles: (BLOCK_M, BLOCK_N, num_warps, num_stages) to override the defaults (for tuning).
+    sliding_window: see reference.paged_attention (None: the window code is not compiled in)."""
+    _check_window(sliding_window)
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, cache_block = k_cache.shape[2], k_cache.shape[1]
     assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
@@ -345,13 +377,14 @@ def paged_attention_splits(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     ml_strides = (ml.stride(0), ml.stride(1), ml.stride(2)) if split else (0, 0, 0)
     _paged_attention_kernel[_grid(grid0, num_seqs, num_kv_heads)](
         q, k_cache, v_cache, target, ml, block_tables, seq_lens, query_start_loc, seq_lens,
-        seq_lens if seq_order is None else seq_order, float(scale),
+        seq_lens if seq_order is None else seq_order, float(scale), sliding_window or 0,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *t_strides, *ml_strides,
         block_tables.stride(0), num_splits, 0,
         GROUP=group, GROUP_P=group_p, BLOCK_Q=block_q, BLOCK_N=block_n, HEAD_DIM=head_dim,
         BLOCK_D=block_d, CACHE_BLOCK=cache_block, SPLIT=split,
         IEEE=q.dtype == torch.float32 and not kv_fp8, KV_FP8=kv_fp8, SHARED_PREFIX=False,
-        ORDERED=seq_order is not None, num_warps=warps, num_stages=stages)
+        ORDERED=seq_order is not None, WINDOW=sliding_window is not None, num_warps=warps,
+        num_stages=stages)
     if split:
         _merge_splits_kernel[(num_tokens, num_heads)](
             part, ml, out, num_splits, *part.stride(), *ml_strides, *out.stride(),
@@ -419,11 +452,12 @@ def shared_prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     block_q, block_n, warps, stages = _tile_sizes(q, k_cache.dtype, group_p, 1)
     _paged_attention_kernel[_grid(own_splits, num_tokens, num_kv_heads)](
         q, k_cache, v_cache, part, ml, block_tables, seq_lens, query_start_loc, shared_prefix_len,
-        seq_lens if seq_order is None else seq_order, float(scale), *q.stride(), *k_cache.stride(), *v_cache.stride(), *part.stride(),
+        seq_lens if seq_order is None else seq_order, float(scale), 0, *q.stride(), *k_cache.stride(), *v_cache.stride(), *part.stride(),
         *ml.stride()[:3], block_tables.stride(0), own_splits, prefix_splits,
         GROUP=group, GROUP_P=group_p, BLOCK_Q=block_q, BLOCK_N=block_n, HEAD_DIM=head_dim,
         BLOCK_D=block_d, CACHE_BLOCK=cache_block, SPLIT=True, IEEE=ieee, KV_FP8=kv_fp8,
-        SHARED_PREFIX=True, ORDERED=seq_order is not None, num_warps=warps, num_stages=stages)
+        SHARED_PREFIX=True, ORDERED=seq_order is not None, WINDOW=False, num_warps=warps,
+        num_stages=stages)
     _merge_splits_kernel[(num_tokens, num_heads)](
         part, ml, out, splits, *part.stride(), *ml.stride()[:3], *out.stride(),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=MAX_SPLITS)
@@ -435,7 +469,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     query_start_loc: torch.Tensor, scale: float,
                     max_query_len: int, max_seq_len: int,
                     shared_prefix_len: torch.Tensor | None = None,
-                    seq_order: torch.Tensor | None = None) -> torch.Tensor:
+                    seq_order: torch.Tensor | None = None,
+                    sliding_window: int | None = None) -> torch.Tensor:
     """Causal attention of a mixed batch over the paged cache (see reference.paged_attention).
 
     max_query_len must bound every request's query length (it sizes the launch grid); max_seq_len
@@ -446,13 +481,22 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     it lasts as long as its busiest SMs: started longest context first, the short ones fill in
     behind the long ones (benchmarks/decode_balance.py, W-hf's spread of contexts on an H100:
     0.1861 ms in arrival order, 0.1634 ms longest first, 0.1685 ms for the same keys spread evenly).
+    sliding_window: W keys per query (see reference.paged_attention); a windowed call ignores
+    shared_prefix_len (same result: the plain path), and splits only the W keys it reads.
     """
-    if shared_prefix_len is not None and max_query_len == 1:
+    if shared_prefix_len is not None and max_query_len == 1 and sliding_window is None:
         return shared_prefix_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                                        scale, shared_prefix_len, max_seq_len, seq_order=seq_order)
     num_splits = 1
     if q.device.type == "cuda":
-        num_splits = choose_num_splits(seq_lens.shape[0], k_cache.shape[2], max_query_len, max_seq_len,
+        keys = max_seq_len if sliding_window is None else min(max_seq_len, sliding_window)
+        num_splits = choose_num_splits(seq_lens.shape[0], k_cache.shape[2], max_query_len, keys,
                                        _num_sms(q.device.index or 0))
     return paged_attention_splits(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                                  scale, max_query_len, num_splits, seq_order=seq_order)
+                                  scale, max_query_len, num_splits, seq_order=seq_order,
+                                  sliding_window=sliding_window)
+
+
+def _check_window(sliding_window: int | None) -> None:
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be at least 1 (or None), got {sliding_window}")
