@@ -1,9 +1,11 @@
 """SamplingParams: how each request is sampled and when it stops (vLLM's names and defaults)."""
 from __future__ import annotations
 
+import json
 import math
 import operator
 from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 INT64_MAX = 2**63 - 1
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what a torch.Generator takes
@@ -11,6 +13,73 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what a torch.Generator takes
 
 class SamplingParamsError(ValueError):
     """A sampling setting is invalid; the message names the field and the value."""
+
+
+@dataclass(slots=True)
+class StructuredOutputsParams:
+    """Constrained decoding (vLLM's names): exactly one of a JSON schema (`json`, an object or its
+    JSON text), any JSON object (`json_object`), a `regex`, a `choice` of strings or a `grammar`
+    (Lark, or GBNF with `::=` rules). Checked for shape here; compiled by batchllm.structured."""
+
+    json: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.choice, tuple):
+            self.choice = list(self.choice)
+        given = [k for k in self.KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise SamplingParamsError(
+                "structured_outputs: give exactly one of json, regex, choice, grammar, json_object "
+                f"(got {', '.join(given) or 'none'})")
+        kind = given[0]
+        value = getattr(self, kind)
+        ok = {"json": isinstance(value, (dict, str)) and bool(value),
+              "regex": isinstance(value, str) and bool(value) and _encodable(value),
+              "grammar": isinstance(value, str) and bool(value.strip()) and _encodable(value),
+              "json_object": value is True,
+              "choice": isinstance(value, list) and bool(value) and all(
+                  isinstance(c, str) and c and _encodable(c) for c in value)}[kind]
+        if not ok:
+            expected = {"json": "a JSON schema (an object, or its JSON text)",
+                        "regex": "a non-empty regular expression", "grammar": "a non-empty grammar",
+                        "json_object": "true", "choice": "a non-empty list of non-empty strings"}
+            shown = repr(value)
+            raise SamplingParamsError(f"structured_outputs.{kind}="
+                                      f"{shown if len(shown) <= 80 else shown[:77] + '...'} is "
+                                      f"invalid: expected {expected[kind]}")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in self.KINDS if getattr(self, k) not in (None, False))
+
+    @property
+    def key(self) -> str:
+        """The constraint as canonical text: equal constraints compile once (the cache key)."""
+        value = getattr(self, self.kind)
+        return self.kind + ":" + json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+    @classmethod
+    def coerce(cls, value: object) -> "StructuredOutputsParams | None":
+        """From an object of the same shape (a job's YAML / JSON); None stays None."""
+        if value is None or isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise SamplingParamsError(f"structured_outputs must be an object with one of "
+                                      f"{', '.join(cls.KINDS)}; got {type(value).__name__}")
+        unknown = [k for k in value if k not in cls.KINDS]
+        if unknown:
+            import difflib
+
+            near = difflib.get_close_matches(str(unknown[0]), cls.KINDS, n=1)
+            hint = f" Did you mean {near[0]!r}?" if near else f" Valid: {', '.join(cls.KINDS)}."
+            raise SamplingParamsError(f"structured_outputs: unknown key {unknown[0]!r}.{hint}")
+        return cls(**value)
 
 
 @dataclass(slots=True)
@@ -32,6 +101,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; 0: the sampled token's; k: also the top k
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None  # constrained decoding
     extra_keys: tuple = field(default=())  # e.g. an adapter id; part of prefix-cache hashes
 
     def __post_init__(self) -> None:
@@ -48,6 +118,7 @@ class SamplingParams:
             self.stop_token_ids = [_index(t) for t in self.stop_token_ids]
         if _is_int(self.top_k) and self.top_k == -1:
             self.top_k = 0
+        self.structured_outputs = StructuredOutputsParams.coerce(self.structured_outputs)
         self.validate()
 
     def validate(self) -> None:

@@ -67,6 +67,10 @@ class SchedulerOutput:
     # hashes of the full blocks that requests admitted in this plan compute (Scheduler keeps
     # them until the plan's results are applied and the blocks cached)
     computing_hashes: set[int] = field(default_factory=set)
+    # Structured output: the allowed tokens of the constrained rows this plan samples (a
+    # batchllm.structured.GrammarBitmask, set by the engine when it launches the plan; None when
+    # no sampled row is constrained). The scheduler never sets or reads it.
+    grammar: object | None = None
 
     @property
     def num_scheduled_tokens(self) -> int:
@@ -114,6 +118,8 @@ class CompletionOutput:
     top_logprobs: list[dict[int, float]] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "error" | "abort"
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
+    # structured output: whether the text completes its grammar (None: not constrained)
+    structured_output_valid: bool | None = None
 
     @property
     def finished(self) -> bool:

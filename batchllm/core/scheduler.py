@@ -16,7 +16,7 @@ be called again before the last plan's results are back (asynchronous execution)
 whose last token is still a placeholder gets a chunk whose input is that token, taken on the
 device from the plan before (`SchedulerOutput.prev_rows`). A multi-step decode round is the same
 loop with a step count per chunk, planned when every running request decodes and no waiting
-request could start.
+request could start. A constrained request (structured output) takes single steps on known tokens.
 """
 from __future__ import annotations
 
@@ -34,6 +34,10 @@ from batchllm.core.stop import accept_tokens, steps_left
 from batchllm.core.swap import CpuBlockPool
 
 _FINISHED = {"stop": RequestStatus.FINISHED_STOPPED, "length": RequestStatus.FINISHED_LENGTH}
+
+
+def _constrained(req: Request) -> bool:  # structured output: its mask needs every token known
+    return req.sampling_params.structured_outputs is not None
 
 
 class Scheduler(Admission):
@@ -62,8 +66,7 @@ class Scheduler(Admission):
         # hashes of full blocks that plans in flight compute: a request needing one of them
         # next waits until it is cached rather than computing it again
         self._computing: Counter[int] = Counter()
-        self.num_preemptions = self.num_swapped_out = 0
-        self.num_multi_step_rounds = 0
+        self.num_preemptions = self.num_swapped_out = self.num_multi_step_rounds = 0
         self.num_chained_rounds = self.num_chained_steps = 0  # planned while one was in flight
         self.prefix_cache_queries = self.prefix_cache_hits = 0
 
@@ -119,12 +122,9 @@ class Scheduler(Admission):
 
     @property
     def stats(self) -> dict:
-        return {"num_preemptions": self.num_preemptions, "num_swapped_out": self.num_swapped_out,
-                "num_multi_step_rounds": self.num_multi_step_rounds,
-                "num_chained_rounds": self.num_chained_rounds,
-                "num_chained_steps": self.num_chained_steps,
-                "prefix_cache_queries": self.prefix_cache_queries,
-                "prefix_cache_hits": self.prefix_cache_hits, "kv_cache_usage": self.kv.pool.usage,
+        names = ("num_preemptions", "num_swapped_out", "num_multi_step_rounds", "num_chained_rounds",
+                 "num_chained_steps", "prefix_cache_queries", "prefix_cache_hits")
+        return {**{n: getattr(self, n) for n in names}, "kv_cache_usage": self.kv.pool.usage,
                 "num_running": len(self.running) - sum(r.is_finished for r in self.running),
                 "num_waiting": len(self.waiting), "num_swapped": len(self.swapped)}
 
@@ -170,8 +170,8 @@ class Scheduler(Admission):
             return 1
         decoding = 0
         for req in running:
-            if self._steps_left(req) < 1:
-                continue  # its plans in flight end it by length
+            if self._steps_left(req) < 1 or (req.num_output_placeholders and _constrained(req)):
+                continue  # its plans in flight end it by length, or it waits for its last token
             if self._num_new_tokens(req, 2) != 1 or req.num_planned_tokens - req.num_computed_tokens != 1:
                 return 1
             decoding += 1
@@ -200,7 +200,7 @@ class Scheduler(Admission):
             if n == 0:
                 i += 1
                 continue
-            k = max(1, min(steps, self._steps_left(req)))
+            k = 1 if _constrained(req) else max(1, min(steps, self._steps_left(req)))
             copies = self.kv.allocate_slots(req, n + k - 1)
             if copies is None and k > 1:  # no room for a round: this and the rest take one step
                 steps = k = 1
@@ -219,7 +219,7 @@ class Scheduler(Admission):
         return budget, preempted
 
     def _num_new_tokens(self, req: Request, budget: int) -> int:
-        if self._steps_left(req) < 1:
+        if self._steps_left(req) < 1 or (req.num_output_placeholders and _constrained(req)):
             return 0
         n = min(req.num_planned_tokens - req.num_computed_tokens, budget)
         return self.groups.cap_leader_tokens(req, req.num_computed_tokens, n)

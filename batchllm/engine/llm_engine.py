@@ -26,6 +26,7 @@ class LLMEngine:
         self.extra_eos_ids = parts.eos_token_ids[1:]
         self.num_blocks, self.num_cpu_blocks = self.kv_cache.num_blocks, self.kv_cache.num_cpu_blocks
         self.outputs = OutputProcessor(self.tokenizer)
+        self.structured = None  # structured.StructuredOutputs, made for the first constrained request
         self._async = bool(self.config.scheduler.async_scheduling)
         self._inflight = None  # (plan, handle) launched, its results not yet applied
         self._ready: list[RequestOutput] = []
@@ -50,6 +51,9 @@ class LLMEngine:
                     eos_token_id=self.eos_token_id, group_id=request_id, sample_index=i,
                     seed=None if params.seed is None else params.seed + i)
             for i in range(params.n)]
+        if requests and params.structured_outputs is not None:
+            error = self._constrain(requests, params)
+            requests = [] if error else requests
         failed = self.outputs.add_group(request_id, text, ids, arrival, requests, error)
         if failed is not None:
             self._ready.append(failed)
@@ -79,6 +83,25 @@ class LLMEngine:
             return ids, f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
         return ids, None
 
+    def _constrain(self, requests: list[Request], params: SamplingParams) -> str | None:
+        """Give each sample its grammar matcher; why it cannot be constrained, or None."""
+        from batchllm.structured import StructuredOutputError
+
+        if self.tokenizer is None:
+            return ("structured output needs the tokenizer; this engine was built with "
+                    "skip_tokenizer_init=True")
+        try:
+            if self.structured is None:
+                from batchllm.structured import StructuredOutputs
+
+                eos = [self.eos_token_id] + self.extra_eos_ids if self.eos_token_id is not None else []
+                self.structured = StructuredOutputs(self.tokenizer.hf, self.vocab_size, eos)
+                self.outputs.structured = self.structured
+            self.structured.add(requests, params.structured_outputs)
+        except StructuredOutputError as e:
+            return str(e)
+        return None
+
     def abort_request(self, request_id: str) -> None:
         self.scheduler.finish_requests(self.outputs.unfinished_sample_ids(request_id),
                                        RequestStatus.FINISHED_ABORTED)
@@ -97,19 +120,40 @@ class LLMEngine:
         one's results are applied, so the device never waits for the host's bookkeeping."""
         if self._inflight is None:
             plan = self.scheduler.schedule()
-            handle = self.runner.launch(plan)
+            handle = self._launch(plan)
         else:
             (plan, handle), self._inflight = self._inflight, None
         if self._async and plan.chunks:
             nxt = self.scheduler.schedule()
-            self._inflight = (nxt, self.runner.launch(nxt, handle))
+            self._inflight = (nxt, self._launch(nxt, handle))
         out = self.runner.collect(handle)
         finished = self.scheduler.update(plan, out)
+        ended = self._advance_grammars(out)
         stopped = self.outputs.process(out)
         if stopped:
             self.scheduler.finish_requests([r.request_id for r in stopped], RequestStatus.FINISHED_STOPPED)
-        ready, self._ready = self._ready + self.outputs.finish(finished + stopped), []
+        ready, self._ready = self._ready + self.outputs.finish(finished + ended + stopped), []
         return ready
+
+    def _launch(self, plan, prev=None):
+        """Queue a plan on the device, with its constrained rows' grammar mask (built here, on the
+        CPU, while the device runs the plan before)."""
+        if self.structured is not None and self.structured.active:
+            plan.grammar = self.structured.bitmask(plan)
+        return self.runner.launch(plan, prev)
+
+    def _advance_grammars(self, out) -> list[Request]:
+        """Feed the kept tokens to the constrained requests' matchers; a complete grammar ends its
+        request ("stop"), a token it refuses is an error. Returns the requests ended here."""
+        if self.structured is None or not self.structured.active:
+            return []
+        complete, refused = self.structured.advance(out.req_ids)
+        if complete:
+            self.scheduler.finish_requests([r.request_id for r in complete], RequestStatus.FINISHED_STOPPED)
+        live = [r.request_id for r in refused if not r.is_finished]
+        if live:
+            self.scheduler.finish_requests(live, RequestStatus.FINISHED_ERROR)
+        return complete + refused
 
     def stats(self) -> dict:
         s = dict(self.scheduler.stats)

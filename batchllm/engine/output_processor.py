@@ -41,6 +41,7 @@ class OutputProcessor:
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
+        self.structured = None  # structured.StructuredOutputs: validity of constrained samples
         self.groups: dict[str, _Group] = {}
         self._samples: dict[str, _Sample] = {}
         self.num_generated_tokens = 0
@@ -147,13 +148,17 @@ class OutputProcessor:
                 s.text = self.tokenizer.decode(req.output_token_ids,
                                                skip_special_tokens=params.skip_special_tokens)
             keep = s.keep if s.keep is not None else len(req.output_token_ids)
+            valid = None
+            if self.structured is not None:
+                valid = self.structured.valid(req.request_id, keep)
+                self.structured.release(req.request_id)
             logprobs = s.logprobs[:keep]
             outputs.append(CompletionOutput(
                 index=req.sample_index, text=s.text, token_ids=list(req.output_token_ids[:keep]),
                 cumulative_logprob=sum(logprobs) if logprobs else None,
                 logprobs=logprobs if params.logprobs is not None else None,
                 top_logprobs=s.top_logprobs[:keep] if params.logprobs else None,
-                finish_reason=reason, stop_reason=stop_reason))
+                finish_reason=reason, stop_reason=stop_reason, structured_output_valid=valid))
             m = req.metrics
             for name in ("first_scheduled_time", "first_token_time"):
                 v = getattr(m, name)

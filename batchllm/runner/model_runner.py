@@ -92,6 +92,7 @@ class ModelRunner:
         for new in plan.new_requests:
             self.sampler.add_request(new.req_id, new.prompt_token_ids, new.sampling_params,
                                      new.seed, self.eos_token_id)
+        self.sampler.set_grammar(plan.grammar)  # structured output: the constrained rows' mask
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(array)

@@ -3,7 +3,9 @@
 Every row is sampled with the exponential race: argmax(p / E) with E ~ Exp(1) i.i.d. draws the
 token with probability p. A seeded request draws its E from its own generator, so its tokens do
 not depend on what else is in the batch. Greedy rows take argmax of the (penalized) logits.
-The only host sync is the one copy of the results at the end of `sample`.
+The only host sync is the one copy of the results at the end of `sample`. Structured output: the
+plan's grammar bitmask (`set_grammar`) sets the tokens a constrained row may not take to -inf
+before anything else; a batch with no constrained row does no extra work.
 """
 from __future__ import annotations
 
@@ -71,6 +73,8 @@ class Sampler:
         self._prompt_mask = torch.zeros(0, vocab_size, dtype=torch.bool, device=self.device)
         self._free_slots: list[int] = []
         self._greedy_sample = greedy_sample_for(self.device)
+        self._grammar: tuple[dict[str, int], torch.Tensor] | None = None  # see set_grammar
+        self._shifts = torch.arange(32, dtype=torch.int32, device=self.device)
 
     @property
     def num_requests(self) -> int:
@@ -112,6 +116,37 @@ class Sampler:
             self._free_slots.extend(range(new - 1, old - 1, -1))
         return self._free_slots.pop()
 
+    def set_grammar(self, grammar: object | None) -> None:
+        """The plan's structured-output mask (a structured.GrammarBitmask or None), applied to the
+        rows of its requests in each sample_on_device call until the next plan's; copied to the
+        device once, here."""
+        if grammar is None:
+            self._grammar = None
+            return
+        bits = torch.from_numpy(grammar.bitmask)
+        if self.device.type == "cuda":
+            bits = bits.pin_memory()
+        self._grammar = ({rid: i for i, rid in enumerate(grammar.req_ids)},
+                         bits.to(self.device, non_blocking=True))
+
+    def _grammar_mask(self, req_ids: list[str], vocab: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows of this batch with a grammar, their allowed tokens [rows, vocab] bool) or None."""
+        index, bits = self._grammar
+        found = [(i, index[r]) for i, r in enumerate(req_ids) if r in index]
+        if not found:
+            return None
+        rows = self._tensor([i for i, _ in found], torch.long)
+        words = bits[self._tensor([j for _, j in found], torch.long)]
+        allowed = ((words[:, :, None] >> self._shifts) & 1).bool().flatten(1)[:, :vocab]
+        if allowed.shape[1] < vocab:  # logits wider than the tokenizer: the rest is not allowed
+            allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+        return rows, allowed
+
+    @staticmethod
+    def _mask_logits(logits: torch.Tensor, grammar: tuple[torch.Tensor, torch.Tensor]) -> None:
+        rows, allowed = grammar
+        logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+
     def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         t = torch.tensor(values, dtype=dtype)
         if self.device.type == "cuda":
@@ -130,14 +165,20 @@ class Sampler:
         params = [s.params for s in states]
         simple = not any(s.penalty_slot is not None or s.num_outputs < s.params.min_tokens
                          for s in states)
+        grammar = None if self._grammar is None else self._grammar_mask(req_ids, logits.shape[1])
         if simple and all(p.greedy for p in params):
             # Fast path: one fused read of the logits in their own dtype (no float32 copy):
             # argmax, log p(token) = logit - logsumexp, the non-finite flag; bad rows get token 0.
+            if grammar is not None:  # a row with no allowed token is a bad row (-inf logsumexp)
+                self._mask_logits(logits, grammar)
             tokens, token_logprobs, bad_rows = self._greedy_sample(logits)
             raw_logprobs = None
         else:
             logits = logits.float()
             bad_rows = ~torch.isfinite(logits).all(dim=-1)
+            if grammar is not None:  # log-probs of constrained rows are over the allowed tokens
+                self._mask_logits(logits, grammar)
+                bad_rows |= torch.isneginf(logits).all(dim=-1)
             raw_logprobs = torch.log_softmax(logits, dim=-1)
             if not simple:
                 logits = self._apply_penalties(logits.clone(), states)
