@@ -78,4 +78,6 @@ def flatten_openai_request(obj: dict[str, Any]) -> tuple[dict[str, Any] | None, 
             flat[key] = body[key]
     if "max_completion_tokens" in body and "max_tokens" not in body:
         flat["max_tokens"] = body["max_completion_tokens"]
+    if body.get("response_format") is not None:  # structured output (jobs/preprocess reads it)
+        flat["response_format"] = body["response_format"]
     return flat, None

@@ -17,8 +17,8 @@ from batchllm.io.text import escape_unencodable
 TOP_LOGPROB = pa.struct([("token_id", pa.int32()), ("logprob", pa.float32())])
 TIMING_COLUMNS = ("time_queued_s", "time_to_first_token_s", "time_total_s")
 RESERVED = ("id", "input_file", "input_row", "sample_index", "text", "token_ids", "token_logprobs",
-            "top_logprobs", "finish_reason", "stop_reason", "num_prompt_tokens",
-            "num_output_tokens", "num_cached_tokens", *TIMING_COLUMNS, "error")
+            "top_logprobs", "finish_reason", "stop_reason", "structured_output_valid",
+            "num_prompt_tokens", "num_output_tokens", "num_cached_tokens", *TIMING_COLUMNS, "error")
 MAX_KEPT_NESTING = 16  # deeper kept values are written as JSON text
 _MISFIT = (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError, ValueError)
 
@@ -35,6 +35,7 @@ def output_schema(kept: list[pa.Field], *, top_logprobs: bool, samples: bool) ->
     if top_logprobs:
         cols.append(pa.field("top_logprobs", pa.list_(pa.list_(TOP_LOGPROB))))
     cols += [pa.field("finish_reason", pa.string()), pa.field("stop_reason", pa.string()),
+             pa.field("structured_output_valid", pa.bool_()),  # null: the row was not constrained
              pa.field("num_prompt_tokens", pa.int32()), pa.field("num_output_tokens", pa.int32()),
              pa.field("num_cached_tokens", pa.int32())]
     cols += [pa.field(name, pa.float64()) for name in TIMING_COLUMNS]

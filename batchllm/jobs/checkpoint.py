@@ -50,7 +50,10 @@ def job_details(spec: JobSpec, shards: list[Shard]) -> dict[str, Any]:
                     "content": s.content_hash} for s in shards],
         "columns": {"prompt": inp.prompt_column, "messages": inp.messages_column,
                     "token_ids": inp.token_ids_column, "id": inp.id_column,
-                    "system_prompt": inp.system_prompt},
+                    "system_prompt": inp.system_prompt,
+                    # only when set: jobs without it keep the fingerprint they had before
+                    **({"structured_output": inp.structured_output_column}
+                       if inp.structured_output_column else {})},
         "output": {"keep_columns": list(spec.output.keep_columns),
                    "unit_rows": spec.output.unit_rows},
         "sampling": {k: v for k, v in sorted(spec.sampling.items())},

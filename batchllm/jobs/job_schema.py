@@ -105,6 +105,7 @@ INPUT: dict[str, Check] = {
     "id_column": text(null=True, what="a column name"),
     "system_prompt": text(null=True, what="a string", empty=True),
     "duplicate_ids": choice(DUPLICATE_IDS),
+    "structured_output_column": text(null=True, what="a column name"),
 }
 OUTPUT: dict[str, Check] = {
     "path": path_like("a folder (a string)"),
@@ -115,6 +116,15 @@ OUTPUT: dict[str, Check] = {
     "commit_interval_s": positive_number("seconds"),
 }
 LIMITS: dict[str, Check] = {"prompt_too_long": choice(TOO_LONG_POLICIES)}
+STRUCTURED: dict[str, Check] = {  # sampling.structured_outputs: give one of these
+    "json": lambda v: None if isinstance(v, (Mapping, str)) and v else (
+        "a JSON schema (a mapping, or its JSON text)"),
+    "regex": text(null=True, what="a regular expression"),
+    "choice": lambda v: None if v is None or (isinstance(v, list) and v and all(
+        isinstance(c, str) and c for c in v)) else "a list of non-empty strings",
+    "grammar": text(null=True, what="a grammar (Lark, or GBNF with ::= rules)"),
+    "json_object": lambda v: None if v in (None, True, False) else "true or false",
+}
 TOP: dict[str, Check] = {
     "model": text(null=True, what="an HF model folder, a .gguf file or a known short name"),
     "tokenizer": text(null=True, what="a tokenizer folder"),
@@ -212,3 +222,21 @@ def check_job_dict(raw: Mapping[str, Any], where: str) -> None:
         raise JobSpecError(f"{where}: `sampling` must be a mapping of SamplingParams fields, e.g. "
                            f"{{max_tokens: 64, temperature: 0.0}}; got {type(raw['sampling']).__name__}"
                            f" {_short(raw['sampling'])}")
+    if (raw.get("sampling") or {}).get("structured_outputs") is not None:
+        _check_structured(where, raw["sampling"]["structured_outputs"])
+
+
+def _check_structured(where: str, raw: Any) -> None:
+    """sampling.structured_outputs: its keys' types, then the constraint itself (an invalid
+    schema, regex or grammar would fail every row, so it fails the job up front)."""
+    from batchllm.sampling_params import SamplingParamsError, StructuredOutputsParams
+    from batchllm.structured import check_grammar
+
+    _check_section(where, "sampling.structured_outputs", raw, STRUCTURED)
+    try:
+        problem = check_grammar(StructuredOutputsParams(**raw))
+    except SamplingParamsError as e:
+        problem = str(e)
+    if problem:
+        named = problem.startswith("structured_outputs")
+        raise JobSpecError(f"{where}: sampling.{'' if named else 'structured_outputs: '}{problem}")

@@ -93,6 +93,8 @@ def _check_columns(spec: JobSpec, shards: list[Shard], where: str) -> None:
             needed = [(prompt_key, prompt_col)]
             if inp.id_column:
                 needed.append(("input.id_column", inp.id_column))
+        if inp.structured_output_column:
+            needed.append(("input.structured_output_column", inp.structured_output_column))
         needed += [("output.keep_columns", c) for c in spec.output.keep_columns
                    if not (c == "url" and shard.format == "openai-batch")]
         for key, col in needed:

@@ -18,7 +18,7 @@ from batchllm.io.readers import InputRow, Shard
 from batchllm.io.schema import kept_name
 from batchllm.io.text import escape_unencodable, unencodable
 from batchllm.jobs.spec import JobSpec
-from batchllm.sampling_params import SamplingParams, SamplingParamsError
+from batchllm.sampling_params import SamplingParams, SamplingParamsError, StructuredOutputsParams
 
 ROW_OVERRIDES = ("max_tokens", "temperature", "top_p", "seed", "stop")
 MAX_TOKEN_ID = 2**31 - 1  # what an int32 token column holds; the engine checks the vocabulary
@@ -94,7 +94,7 @@ class Preprocessor:
             p.error = r.error or f"row {r.row} of {shard.name}: {bad_text}"
             return p
         try:
-            p.params = self._params(data, p.row_id)
+            p.params = self._params(data, p.row_id, shard.format == "openai-batch")
         except (SamplingParamsError, TypeError, ValueError) as e:
             p.error = f"row {r.row} of {shard.name}: invalid per-row parameter: {e}"
             return p
@@ -143,8 +143,14 @@ class Preprocessor:
         stem = Path(shard.name).stem if shard.path is not None else "input"
         return f"{stem}-{row}"
 
-    def _params(self, data: dict[str, Any], row_id: str) -> SamplingParams:
+    def _params(self, data: dict[str, Any], row_id: str, openai: bool = False) -> SamplingParams:
         overrides = {k: data[k] for k in ROW_OVERRIDES if data.get(k) is not None}
+        column = self.spec.input.structured_output_column
+        constraint = row_constraint(data.get(column), column) if column else None
+        if constraint is None and openai:
+            constraint = response_format(data.get("response_format"))
+        if constraint is not None:  # the row's own constraint replaces sampling.structured_outputs
+            overrides["structured_outputs"] = constraint
         params = self.base_params.with_overrides(**overrides) if overrides else self.base_params
         if not params.greedy and params.seed is None:
             # A sampled row without a seed of its own gets one derived from the job's seed and
@@ -195,6 +201,46 @@ class Preprocessor:
 
 class _RowError(ValueError):
     pass
+
+
+def row_constraint(value: Any, column: str) -> StructuredOutputsParams | None:
+    """A row's structured-output column: a JSON schema, or an object of StructuredOutputsParams'
+    shape ({"regex": ...}, {"choice": [...]}, ...), either as JSON text; null: none."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except (ValueError, RecursionError) as e:
+            why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+            raise _RowError(f"column {column!r} holds text that is not JSON ({why}); give a JSON "
+                            "schema or an object such as {\"regex\": \"...\"}") from None
+    if not isinstance(value, dict):
+        raise _RowError(f"column {column!r} must hold a JSON schema or an object with one of "
+                        f"{', '.join(StructuredOutputsParams.KINDS)}; got {describe_type(value)}")
+    if value and set(value) <= set(StructuredOutputsParams.KINDS):
+        return StructuredOutputsParams(**value)
+    return StructuredOutputsParams(json=value)
+
+
+def response_format(value: Any) -> StructuredOutputsParams | None:
+    """An OpenAI batch line's body.response_format: text (none), json_object, or json_schema
+    ({name, schema, strict}; the schema is always enforced)."""
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise _RowError("body.response_format.json_schema must be an object with a `schema` "
+                            "object ({name, schema, strict})")
+        return StructuredOutputsParams(json=spec["schema"])
+    raise _RowError(f"body.response_format must have type text, json_object or json_schema; got "
+                    f"{describe_type(value) if kind is None else repr(kind)}")
 
 
 def row_seed(job_seed: object, row_id: str) -> int:

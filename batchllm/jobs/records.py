@@ -30,6 +30,7 @@ def output_rows(p: Prepared, out: RequestOutput | None, *, samples: bool,
                    token_logprobs=list(c.logprobs) if c.logprobs is not None else None,
                    finish_reason=c.finish_reason,
                    stop_reason=None if c.stop_reason is None else str(c.stop_reason),
+                   structured_output_valid=c.structured_output_valid,
                    num_prompt_tokens=len(out.prompt_token_ids), num_output_tokens=len(c.token_ids),
                    num_cached_tokens=out.num_cached_tokens, error=None, **timings)
         if c.finish_reason == "error":

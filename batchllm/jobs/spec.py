@@ -29,6 +29,7 @@ class InputSpec:
     id_column: str | None = None  # None: "<shard name>-<row index>"
     system_prompt: str | None = None
     duplicate_ids: str = "refuse"  # refuse | allow: two rows with the same id in id_column
+    structured_output_column: str | None = None  # per-row JSON schema / StructuredOutputsParams
     data: Any = None  # Python API only: a pyarrow.Table or datasets.Dataset
 
     @property
