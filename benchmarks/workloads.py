@@ -24,7 +24,7 @@ class Workload:
         return sum(self.output_lens)
 
 
-WORKLOADS = ("W-8B", "W-nano", "W-hf", "W-prefix", "W-pressure")
+WORKLOADS = ("W-8B", "W-nano", "W-hf", "W-prefix", "W-pressure", "W-moe")
 
 
 def _ids(rng: random.Random, n: int, vocab: int) -> list[int]:
@@ -52,6 +52,9 @@ def build_workload(name: str, seed: int = 0) -> Workload:
         prefix = _ids(rng, 2048, v)
         prompts = [prefix + _ids(rng, 64, v) for _ in range(1024)]
         return Workload(name, "Llama-3.2-1B", prompts, [128] * 1024, shared_prefix_len=2048)
+    if name == "W-moe":
+        v = SHAPES["Qwen3-30B-A3B"]["vocab_size"]
+        return Workload(name, "Qwen3-30B-A3B", [_ids(rng, 1024, v) for _ in range(1000)], [128] * 1000)
     raise ValueError(f"unknown workload {name!r}; expected one of {', '.join(WORKLOADS)}")
 
 

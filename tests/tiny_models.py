@@ -15,6 +15,16 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "mistral": ("mistral", "MistralForCausalLM"),
     "qwen2": ("qwen2", "Qwen2ForCausalLM"),
     "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+    "qwen3_moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
+    "mixtral": ("mixtral", "MixtralForCausalLM"),
+}
+# mixture-of-experts families: few, small experts (Qwen3-MoE 8 of 32 features, top 2, weights
+# renormalized; Mixtral 4 of 48, top 2), so the tokens of a step spread over several experts
+_MOE: dict[str, dict[str, object]] = {
+    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                      norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[]),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48,
+                    sliding_window=None),
 }
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
@@ -68,7 +78,9 @@ def tiny_config(family: str = "llama", vocab_size: int = 300, **overrides: objec
     )
     if family == "mistral":
         kwargs["sliding_window"] = None
-    kwargs.update(overrides)
+    kwargs.update(_MOE.get(family, {}))
+    # a tuple (hashable, as the tiny_model_factory fixture's keys must be) stands for a JSON list
+    kwargs.update({k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()})
     return AutoConfig.for_model(model_type, **kwargs)
 
 

@@ -90,11 +90,14 @@ class LlamaMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, hf_config, f: SimpleNamespace, kernels: KernelSet):
+    """Pre-norm block: attention, then the MLP (the gated one unless another is given, e.g. experts)."""
+
+    def __init__(self, hf_config, f: SimpleNamespace, kernels: KernelSet, mlp: nn.Module | None = None):
         super().__init__()
         hidden = hf_config.hidden_size
         self.self_attn = LlamaAttention(hidden, f, kernels)
-        self.mlp = LlamaMLP(hidden, hf_config.intermediate_size, f.mlp_bias, kernels)
+        self.mlp = mlp if mlp is not None else LlamaMLP(hidden, hf_config.intermediate_size,
+                                                        f.mlp_bias, kernels)
         self.input_layernorm = RMSNorm(hidden, f.eps, kernels)
         self.post_attention_layernorm = RMSNorm(hidden, f.eps, kernels)
 
@@ -118,7 +121,7 @@ class LlamaForCausalLM(nn.Module):
             from batchllm.kernels import get_kernels
 
             kernels = get_kernels("torch")
-        self.config, f = hf_config, _family(hf_config)
+        self.config, f = hf_config, self.decoder_family(hf_config)
         self.family = f
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         vocab, hidden = hf_config.vocab_size, hf_config.hidden_size
@@ -126,7 +129,7 @@ class LlamaForCausalLM(nn.Module):
             self.model = nn.Module()
             self.model.embed_tokens = VocabParallelEmbedding(vocab, hidden)
             self.model.layers = nn.ModuleList(
-                DecoderLayer(hf_config, f, kernels) for _ in range(hf_config.num_hidden_layers))
+                self.decoder_layer(i, f, kernels) for i in range(hf_config.num_hidden_layers))
             self.model.norm = RMSNorm(hidden, f.eps, kernels)
             self.lm_head = ParallelLMHead(vocab, hidden, tied=self.tie_word_embeddings)
         self.to(dtype).to_empty(device=device)
@@ -135,6 +138,14 @@ class LlamaForCausalLM(nn.Module):
         max_pos = getattr(hf_config, "max_position_embeddings", 4096)
         self.cos_sin = cos_sin_cache(f.head_dim, max_pos, rope_parameters(hf_config),
                                      torch.device(device))
+
+    def decoder_family(self, hf_config) -> SimpleNamespace:
+        """The family flags the layers are built from (a subclass adds its own)."""
+        return _family(hf_config)
+
+    def decoder_layer(self, index: int, f: SimpleNamespace, kernels: KernelSet) -> nn.Module:
+        """Layer `index` of the stack (built on the meta device; a subclass may vary the MLP)."""
+        return DecoderLayer(self.config, f, kernels)
 
     def use_kernels(self, kernels: KernelSet) -> None:
         """Switch every layer to another kernel set (torch reference or Triton)."""
