@@ -122,8 +122,14 @@ class EngineConfig:
     # many requests (below, the merge costs about what the shared read saves)
     cascade_min_tokens: int = 256
     cascade_min_reqs: int = 8
+    # Tensor parallelism: the model's heads, MLP and vocabulary split over this many ranks (one
+    # process each: this one is rank 0, the others are started by the engine), all-reduced after
+    # each layer; one GPU per rank (NCCL), or CPU processes (gloo).
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
+        _check(isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
+               "tensor_parallel_size", self.tensor_parallel_size, "a positive integer")
         _check(self.cascade_min_tokens > 0, "cascade_min_tokens", self.cascade_min_tokens,
                "a positive integer")
         _check(self.cascade_min_reqs > 1, "cascade_min_reqs", self.cascade_min_reqs,
@@ -141,7 +147,7 @@ def engine_config_field_names() -> dict[str, type]:
         for f in fields(cls):
             out[f.name] = cls
     for name in ("device", "attention_backend", "enforce_eager", "cascade_attention",
-                 "cascade_min_tokens", "cascade_min_reqs"):
+                 "cascade_min_tokens", "cascade_min_reqs", "tensor_parallel_size"):
         out[name] = EngineConfig
     return out
 

@@ -24,13 +24,22 @@ def _as_prompt_list(prompts) -> list:
 
 
 class LLM:
-    """vLLM-style offline API: `LLM(model, ...).generate(prompts, sampling_params)`."""
+    """vLLM-style offline API: `LLM(model, ...).generate(prompts, sampling_params)`.
+
+    With tensor_parallel_size=N the engine starts N - 1 more processes (spawned: call it under
+    `if __name__ == "__main__":` in a script) and holds this process's torch.distributed group
+    until `shutdown()`; one such engine per process at a time."""
 
     def __init__(self, model: str, tokenizer: str | None = None, skip_tokenizer_init: bool = False,
                  **kwargs: object):
         config = build_engine_config(str(model), tokenizer=tokenizer, **kwargs)
         self.engine = LLMEngine(config, skip_tokenizer_init=skip_tokenizer_init)
         self._counter = 0
+
+    def shutdown(self) -> None:
+        """Stop the engine's other tensor-parallel ranks (with tensor_parallel_size > 1); an
+        engine of one rank has nothing to stop. Also done when the LLM is garbage collected."""
+        self.engine.shutdown()
 
     def get_tokenizer(self):
         return self.engine.tokenizer

@@ -61,7 +61,8 @@ def load_model(model_config: ModelConfig, device: torch.device) -> tuple[nn.Modu
                                  f"built from its config: {exc}") from exc
         check_all_loaded(model, loaded, source)
         del hf_model
-    return model.eval(), hf_config
+    # the config the model runs by: a multimodal config's text part (Gemma3ForConditionalGeneration)
+    return model.eval(), getattr(model, "config", hf_config)
 
 
 def load_hf_config(path: Path, trust_remote_code: bool = False):
@@ -114,7 +115,10 @@ def checkpoint_weights(path: Path, load_format: str, allow_pickle: bool) -> tupl
     else:
         files = _safetensors_files(path) if load_format in ("auto", "safetensors") else []
     if files and files[0].suffix == ".safetensors":
-        return _stream_safetensors(files), ", ".join(str(f) for f in files)
+        from batchllm.distributed.parallel_state import get_tp_size
+
+        lazy = get_tp_size() > 1
+        return _stream_safetensors(files, lazy), ", ".join(str(f) for f in files)
     if load_format == "safetensors":
         raise ModelLoadError(f"no *.safetensors weights in {path}")
     pickled = files or _pickle_files(path)
@@ -160,8 +164,12 @@ def _pickle_files(path: Path) -> list[Path]:
     return sorted(path.glob("*.bin")) + sorted(path.glob("*.pt"))
 
 
-def _stream_safetensors(files: list[Path]) -> WeightIter:
+def _stream_safetensors(files: list[Path], lazy: bool = False) -> WeightIter:
+    """(name, tensor) of every tensor in the files; `lazy`: (name, CheckpointSlice) instead, so a
+    tensor-parallel rank reads only the part its layers take."""
     from safetensors import safe_open
+
+    from batchllm.layers.weight_loading import CheckpointSlice
 
     for file in files:
         try:
@@ -171,6 +179,9 @@ def _stream_safetensors(files: list[Path]) -> WeightIter:
                                  "download or copy the model again") from exc
         with handle as f:
             for name in f.keys():
+                if lazy:
+                    yield name, CheckpointSlice(f.get_slice(name))
+                    continue
                 try:
                     tensor = f.get_tensor(name)
                 except Exception as exc:  # data missing past the header (a truncated file)

@@ -50,6 +50,92 @@ def max_model_len(config: EngineConfig, hf_config) -> int:
     return asked or limit
 
 
+def check_tensor_parallel(hf_config, size: int) -> None:
+    """Refuse, before any weight loads, a tensor-parallel size the model's shapes cannot split."""
+    if size == 1:
+        return
+    heads = hf_config.num_attention_heads
+    kv = getattr(hf_config, "num_key_value_heads", None) or heads
+    problems = []
+    if heads % size:
+        problems.append(f"its {heads} attention heads")
+    if (kv >= size and kv % size) or (kv < size and size % kv):
+        problems.append(f"its {kv} key/value heads (a size must divide them, or be a multiple of them)")
+    inter = getattr(hf_config, "intermediate_size", None)
+    if inter and inter % size:
+        problems.append(f"its MLP width {inter}")
+    if problems:
+        raise ConfigError(f"tensor_parallel_size={size} cannot split this model: "
+                          f"{' and '.join(problems)} are not divisible by {size}; choose a size "
+                          f"that divides {heads} (e.g. " +
+                          ", ".join(str(n) for n in range(1, heads + 1) if heads % n == 0 and
+                                    ((kv >= n and kv % n == 0) or (kv < n and n % kv == 0))) + ")")
+
+
+def kv_heads_per_rank(num_kv_heads: int, size: int) -> int:
+    """KV heads one rank holds: its share, or one (replicated) when there are fewer than ranks."""
+    return num_kv_heads // size if num_kv_heads >= size else 1
+
+
+@dataclass(slots=True)
+class RankParts:
+    """What every tensor-parallel rank holds: its model shard, KV cache shard and runner."""
+
+    model: torch.nn.Module
+    hf_config: object
+    max_model_len: int
+    kv_cache: KVCache
+    runner: ModelRunner
+
+
+def build_rank(config: EngineConfig, device: torch.device, backend: str, eos_id: int | None,
+               agree=None) -> RankParts:
+    """Load this rank's model shard and size and allocate its KV cache; `agree(n)` gives the
+    block count every rank can hold (the minimum over ranks) under tensor parallelism."""
+    from batchllm.distributed.parallel_state import get_tp_rank, get_tp_size
+    from batchllm.kernels import get_kernels
+    from batchllm.loader import load_model
+    from batchllm.runner.sampler import Sampler
+
+    model, hf_config = load_model(config.model, device)
+    model.use_kernels(get_kernels(backend))
+    model_len = max_model_len(config, hf_config)
+    sched, f, cache = config.scheduler, model.family, config.cache
+    size = get_tp_size()
+    kv_heads = kv_heads_per_rank(f.num_kv_heads, size)
+    dtype = kv_cache_dtype(cache.kv_cache_dtype, next(model.parameters()).dtype)
+    block_bytes = bytes_per_block(hf_config.num_hidden_layers, cache.block_size, kv_heads,
+                                  f.head_dim, dtype)
+    activation = model.activation_bytes(sched.max_num_batched_tokens, sched.max_num_seqs)
+    num_blocks = cache.num_gpu_blocks_override or num_device_blocks(
+        device, block_bytes, cache.gpu_memory_utilization, cache.cpu_kv_cache_bytes, activation)
+    if agree is not None:
+        num_blocks = agree(num_blocks)
+    if num_blocks < 2:
+        raise ConfigError(f"no room for a KV cache on {device} ({num_blocks} blocks of "
+                          f"{block_bytes} bytes); raise gpu_memory_utilization or use a smaller model")
+    num_cpu_blocks = int(cache.swap_space * (1 << 30)) // block_bytes
+    kv = KVCache(hf_config.num_hidden_layers, num_blocks, num_cpu_blocks, cache.block_size,
+                 kv_heads, f.head_dim, dtype, device)
+    cascade = CascadePolicy(config.cascade_attention and backend == "triton", cache.block_size,
+                            config.cascade_min_tokens, config.cascade_min_reqs)
+    sampler = Sampler(device, hf_config.vocab_size) if get_tp_rank() == 0 else None
+    runner = ModelRunner(model, kv, sampler, cache.block_size, device, eos_id, cascade)
+    if device.type == "cuda" and backend == "triton" and not config.enforce_eager:
+        runner.capture_decode_graphs(min(sched.max_num_seqs, MAX_GRAPH_BATCH), model_len)
+    return RankParts(model, hf_config, model_len, kv, runner)
+
+
+def with_device_defaults(config: EngineConfig, device: torch.device) -> EngineConfig:
+    """num_decode_steps and async_scheduling left unset take their defaults for the device."""
+    sched = config.scheduler
+    if sched.num_decode_steps is None:
+        sched = replace(sched, num_decode_steps=8 if device.type == "cuda" else 1)
+    if sched.async_scheduling is None:
+        sched = replace(sched, async_scheduling=device.type == "cuda")
+    return replace(config, scheduler=sched)
+
+
 @dataclass(slots=True)
 class EngineParts:
     """What one engine is made of, built from its config."""
@@ -65,13 +151,10 @@ class EngineParts:
     kv_cache: KVCache
     runner: ModelRunner
     scheduler: Scheduler
+    tp_group: object | None = None  # distributed.group.TensorParallelGroup under tensor parallelism
 
 
 def build_engine_parts(config: EngineConfig, skip_tokenizer_init: bool = False) -> EngineParts:
-    from batchllm.kernels import get_kernels
-    from batchllm.loader import load_model
-    from batchllm.runner.sampler import Sampler
-
     device = resolve_device(config.device)
     tokenizer = None
     if not skip_tokenizer_init:
@@ -80,39 +163,35 @@ def build_engine_parts(config: EngineConfig, skip_tokenizer_init: bool = False) 
 
         tokenizer = Tokenizer.load(str(resolve_model(config.model.tokenizer or config.model.model)),
                                    trust_remote_code=config.model.trust_remote_code)
-    model, hf_config = load_model(config.model, device)
-    backend = resolve_backend(config.attention_backend, device)
-    model.use_kernels(get_kernels(backend))
-    model_len = max_model_len(config, hf_config)
-    eos = tokenizer.eos_token_id if tokenizer else getattr(hf_config, "eos_token_id", None)
-    eos_ids = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+    group, agree = None, None
+    if config.tensor_parallel_size > 1:
+        from batchllm.distributed.group import start_group
+        from batchllm.hub import resolve_model
+        from batchllm.loader import load_hf_config
 
-    sched = config.scheduler
-    if sched.num_decode_steps is None:
-        sched = replace(sched, num_decode_steps=8 if device.type == "cuda" else 1)
-    if sched.async_scheduling is None:
-        sched = replace(sched, async_scheduling=device.type == "cuda")
-    config = replace(config, scheduler=sched)
-
-    f, cache = model.family, config.cache
-    dtype = kv_cache_dtype(cache.kv_cache_dtype, next(model.parameters()).dtype)
-    block_bytes = bytes_per_block(hf_config.num_hidden_layers, cache.block_size, f.num_kv_heads,
-                                  f.head_dim, dtype)
-    activation = model.activation_bytes(sched.max_num_batched_tokens, sched.max_num_seqs)
-    num_blocks = cache.num_gpu_blocks_override or num_device_blocks(
-        device, block_bytes, cache.gpu_memory_utilization, cache.cpu_kv_cache_bytes, activation)
-    if num_blocks < 2:
-        raise ConfigError(f"no room for a KV cache on {device} ({num_blocks} blocks of "
-                          f"{block_bytes} bytes); raise gpu_memory_utilization or use a smaller model")
-    num_cpu_blocks = int(cache.swap_space * (1 << 30)) // block_bytes
-    kv = KVCache(hf_config.num_hidden_layers, num_blocks, num_cpu_blocks, cache.block_size,
-                 f.num_kv_heads, f.head_dim, dtype, device)
-    cascade = CascadePolicy(config.cascade_attention and backend == "triton", cache.block_size,
-                            config.cascade_min_tokens, config.cascade_min_reqs)
-    runner = ModelRunner(model, kv, Sampler(device, hf_config.vocab_size), cache.block_size, device,
-                         eos_ids[0] if eos_ids else None, cascade)
-    if device.type == "cuda" and backend == "triton" and not config.enforce_eager:
-        runner.capture_decode_graphs(min(sched.max_num_seqs, MAX_GRAPH_BATCH), model_len)
-    scheduler = Scheduler(sched, cache, num_blocks, num_cpu_blocks, model_len)
-    return EngineParts(config, device, backend, tokenizer, model, hf_config, model_len, eos_ids,
-                       kv, runner, scheduler)
+        path = resolve_model(config.model.model)
+        check_tensor_parallel(load_hf_config(path, config.model.trust_remote_code),
+                              config.tensor_parallel_size)
+        group, device = start_group(config, device)
+        agree = group.min_over_ranks
+    try:
+        backend = resolve_backend(config.attention_backend, device)
+        config = with_device_defaults(config, device)
+        eos = tokenizer.eos_token_id if tokenizer else None
+        eos_ids = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+        rank = build_rank(config, device, backend, eos_ids[0] if eos_ids else None, agree)
+        if tokenizer is None:
+            eos = getattr(rank.hf_config, "eos_token_id", None)
+            eos_ids = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+            rank.runner.eos_token_id = eos_ids[0] if eos_ids else None
+        if group is not None:
+            rank.runner.tp_group = group
+        kv = rank.kv_cache
+        scheduler = Scheduler(config.scheduler, config.cache, kv.num_blocks, kv.num_cpu_blocks,
+                              rank.max_model_len)
+    except BaseException:
+        if group is not None:
+            group.shutdown()
+        raise
+    return EngineParts(config, device, backend, tokenizer, rank.model, rank.hf_config,
+                       rank.max_model_len, eos_ids, kv, rank.runner, scheduler, group)

@@ -20,6 +20,7 @@ class LLMEngine:
         self.config, self.device, self.backend = parts.config, parts.device, parts.backend
         self.tokenizer, self.model, self.hf_config = parts.tokenizer, parts.model, parts.hf_config
         self.kv_cache, self.runner, self.scheduler = parts.kv_cache, parts.runner, parts.scheduler
+        self.tp_group = parts.tp_group  # tensor parallelism: the other ranks' processes
         self.max_model_len = parts.max_model_len
         self.vocab_size = parts.hf_config.vocab_size
         self.eos_token_id = parts.eos_token_ids[0] if parts.eos_token_ids else None
@@ -154,6 +155,17 @@ class LLMEngine:
         if live:
             self.scheduler.finish_requests(live, RequestStatus.FINISHED_ERROR)
         return complete + refused
+
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do for one rank)."""
+        if self.tp_group is not None:
+            self.tp_group.shutdown()
+
+    def __del__(self) -> None:
+        try:
+            self.shutdown()
+        except Exception:
+            pass
 
     def stats(self) -> dict:
         s = dict(self.scheduler.stats)

@@ -2,6 +2,9 @@
 
 `execute(plan)` is `collect(launch(plan))`. A plan made while the one before it still runs takes
 its placeholder inputs from that plan's samples on the device (`SchedulerOutput.prev_rows`).
+Under tensor parallelism every rank runs the same plans on its shard; rank 0 (the one with a
+sampler) sends each plan to the others first, samples, and broadcasts the sampled tokens, which
+the other ranks feed to their next sub-step or plan.
 """
 from __future__ import annotations
 
@@ -10,7 +13,10 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+import torch.distributed as dist
+
 from batchllm.core.outputs import RunnerOutput, ScheduledChunk, SchedulerOutput
+from batchllm.distributed.parallel_state import get_tensor_parallel_group
 from batchllm.layers.attention import AttentionMetadata
 from batchllm.runner.cascade import CascadePolicy
 from batchllm.runner.inflight import InflightRound, collect_results, merge_outputs, queue_results
@@ -26,9 +32,12 @@ class EngineFaultError(RuntimeError):
 class ModelRunner:
     """Owns the model, the KV cache and the sampler; never mutates requests or block tables."""
 
-    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, sampler: Sampler, block_size: int,
-                 device: torch.device, eos_token_id: int | None, cascade: CascadePolicy | None = None):
-        self.model, self.kv_cache, self.sampler = model, kv_cache, sampler
+    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, sampler: Sampler | None,
+                 block_size: int, device: torch.device, eos_token_id: int | None,
+                 cascade: CascadePolicy | None = None):
+        self.model, self.kv_cache, self.sampler = model, kv_cache, sampler  # no sampler: rank > 0
+        self.tp = get_tensor_parallel_group()
+        self.tp_group = None  # rank 0 under tensor parallelism: sends plans (distributed.group)
         self.cascade = cascade or CascadePolicy(False, block_size)
         self.num_shared_prefix_steps = 0
         self.eos_token_id = eos_token_id
@@ -58,6 +67,8 @@ class ModelRunner:
         """Apply the plan's block moves (swap out, swap in, copy-on-write) and queue its forward
         and sampling on the device without waiting; `prev`: the plan launched before it, whose
         samples feed this plan's placeholder inputs (plan.prev_rows)."""
+        if self.tp_group is not None:
+            self.tp_group.send(plan)
         self._apply_plan(plan)
         if not plan.chunks:
             return InflightRound.done(RunnerOutput(), self.device)
@@ -70,6 +81,9 @@ class ModelRunner:
         try:
             return self._launch_step(plan.chunks, rows, prev)
         except torch.cuda.OutOfMemoryError as exc:
+            if self.tp.size > 1:  # every rank would have to split alike
+                raise EngineFaultError("out of device memory in a tensor-parallel step; lower "
+                                       "max_num_batched_tokens or gpu_memory_utilization") from exc
             chunks = plan.chunks
             if rows is not None:  # the halves run from host tokens: resolve the placeholders
                 last = prev.host_tokens()
@@ -84,15 +98,17 @@ class ModelRunner:
     # ------------------------------------------------------------------ internals
     def _apply_plan(self, plan: SchedulerOutput) -> None:
         """The plan's bookkeeping and block moves (swap out, swap in, copy-on-write), in order."""
-        for req_id in plan.finished_req_ids:
-            self.sampler.remove_request(req_id)
+        if self.sampler is not None:
+            for req_id in plan.finished_req_ids:
+                self.sampler.remove_request(req_id)
         self.kv_cache.swap_out(plan.swap_out)
         self.kv_cache.swap_in(plan.swap_in)
         self.kv_cache.copy(plan.copy_blocks)
-        for new in plan.new_requests:
-            self.sampler.add_request(new.req_id, new.prompt_token_ids, new.sampling_params,
-                                     new.seed, self.eos_token_id)
-        self.sampler.set_grammar(plan.grammar)  # structured output: the constrained rows' mask
+        if self.sampler is not None:
+            for new in plan.new_requests:
+                self.sampler.add_request(new.req_id, new.prompt_token_ids, new.sampling_params,
+                                         new.seed, self.eos_token_id)
+            self.sampler.set_grammar(plan.grammar)  # structured output: the constrained rows' mask
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(array)
@@ -115,9 +131,27 @@ class ModelRunner:
         logits = self._step_logits(hb, self._input_ids(hb, rows, prev))
         if not hb.sample_req_ids:
             return InflightRound.done(RunnerOutput(), self.device)
-        sample = self.sampler.sample_on_device(logits, hb.sample_req_ids)
+        sample = self._sample(logits, hb.sample_req_ids)
         active = np.ones((1, len(hb.sample_req_ids)), dtype=bool)
-        return queue_results(hb.sample_req_ids, active, [sample], sample.tokens)
+        return self._results(hb.sample_req_ids, active, [sample], sample.tokens)
+
+    def _sample(self, logits: torch.Tensor, req_ids: list[str]):
+        """Rank 0 samples (and broadcasts the tokens under tensor parallelism); the other ranks
+        take the broadcast tokens."""
+        if self.sampler is not None:
+            sample = self.sampler.sample_on_device(logits, req_ids)
+            if self.tp.size > 1:
+                dist.broadcast(sample.tokens, src=0, group=self.tp.group)
+            return sample
+        tokens = torch.empty(len(req_ids), dtype=torch.long, device=self.device)
+        dist.broadcast(tokens, src=0, group=self.tp.group)
+        return _Tokens(tokens)
+
+    def _results(self, req_ids: list[str], active: np.ndarray, samples: list,
+                 last: torch.Tensor) -> InflightRound:
+        if self.sampler is None:  # rank > 0: only the last tokens matter (they feed the next plan)
+            return InflightRound(req_ids, active, [], last, None, None, RunnerOutput())
+        return queue_results(req_ids, active, samples, last)
 
     def _split(self, chunks: list[ScheduledChunk], exc: Exception) -> RunnerOutput:
         """Run a step that ran out of device memory in two halves instead. Requests of one step
@@ -191,10 +225,19 @@ class ModelRunner:
                                          shared_prefix_len=prefix_tensor, seq_order=order)
                 hidden = self.model(ids, positions[step], self.layer_caches, meta)
                 logits = self.model.compute_logits(hidden)
-            sample = self.sampler.sample_on_device(logits, req_ids)
+            sample = self._sample(logits, req_ids)
             samples.append(sample)
             ids = sample.tokens
         # each request's last token of this round: what the plan after it is fed
         tokens = torch.stack([d.tokens for d in samples])  # [steps, reqs]
         last = tokens[self._to_device(rb.last_step), torch.arange(num_reqs, device=tokens.device)]
-        return queue_results(req_ids, rb.active, samples, last)
+        return self._results(req_ids, rb.active, samples, last)
+
+
+class _Tokens:
+    """Sampled tokens as a rank > 0 receives them."""
+
+    __slots__ = ("tokens",)
+
+    def __init__(self, tokens: torch.Tensor) -> None:
+        self.tokens = tokens

@@ -1,4 +1,4 @@
-"""Which device each engine replica of a data-parallel job gets (engine.data_parallel_size)."""
+"""Which devices each engine replica of a job gets (engine.data_parallel_size × tensor_parallel_size)."""
 from __future__ import annotations
 
 import os
@@ -10,19 +10,24 @@ from batchllm.jobs.spec import JobSpec
 
 
 def replica_devices(spec: JobSpec) -> list[str | None]:
-    """One entry per engine replica: the CUDA_VISIBLE_DEVICES value it gets (None: CPU)."""
+    """One entry per engine replica: the CUDA_VISIBLE_DEVICES value it gets (None: CPU). A
+    replica of tensor_parallel_size N gets N GPUs; `auto` makes as many replicas as fit."""
     n, device, where = spec.data_parallel_size, str(spec.engine.get("device", "auto")), \
         spec.source or "job"
+    tp = int(spec.engine.get("tensor_parallel_size", 1) or 1)
     gpus = [] if device == "cpu" else _visible_gpus()
-    count = max(1, len(gpus)) if n == "auto" else int(n)
+    count = max(1, len(gpus) // tp) if n == "auto" else int(n)
     if count > 1 and ":" in device:
         raise JobSpecError(f"{where}: engine.device={device!r} pins every replica to one GPU; with "
                            "engine.data_parallel_size use device: auto (or cuda)")
-    if gpus and count > len(gpus):
-        raise JobSpecError(f"{where}: engine.data_parallel_size={n} but only {len(gpus)} CUDA "
-                           f"device(s) are visible ({','.join(gpus)}); use at most {len(gpus)} or "
-                           "'auto'")
-    return [gpus[i] if gpus else None for i in range(count)]
+    if gpus and count * tp > len(gpus):
+        layout = f"{count} replica(s) × tensor_parallel_size {tp}" if tp > 1 else f"{count}"
+        raise JobSpecError(f"{where}: engine.data_parallel_size={n} needs {layout} = "
+                           f"{count * tp} GPUs but only {len(gpus)} CUDA device(s) are visible "
+                           f"({','.join(gpus)}); use fewer replicas or 'auto'")
+    if not gpus:
+        return [None] * count
+    return [",".join(gpus[i * tp:(i + 1) * tp]) for i in range(count)]
 
 
 def _visible_gpus() -> list[str]:

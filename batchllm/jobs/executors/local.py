@@ -24,7 +24,8 @@ class LocalExecutor(Executor):
 
     def run(self, plan: JobPlan, committed: Committed, ctx: RunContext) -> RunReport:
         spec = plan.spec
-        if self.engine is None:
+        built = self.engine is None
+        if built:
             self.engine = (self.engine_factory or build_engine)(spec)
         engine = self.engine
         prep = Preprocessor.for_job(spec, plan.shards, engine.tokenizer, engine.max_model_len)
@@ -34,8 +35,12 @@ class LocalExecutor(Executor):
             commit_interval_s=spec.output.commit_interval_s, max_num_seqs=spec.max_num_seqs,
             stop=ctx.stop, on_progress=progress_callback(ctx.progress, ctx.rows_before,
                                                          plan.rows_total, engine.stats))
-        with ctx.progress:
-            self._loop.run()
+        try:
+            with ctx.progress:
+                self._loop.run()
+        finally:
+            if built and hasattr(engine, "shutdown"):
+                engine.shutdown()  # tensor-parallel ranks stop with the job
         return self.report()
 
     def report(self) -> RunReport:

@@ -116,7 +116,7 @@ class MultiProcessExecutor(Executor):
                                 self.ctx.folder, threads, self.engine_factory)
             ours, theirs = spawn.Pipe()
             proc = spawn.Process(target=worker_main, args=(setup, theirs, self._signum),
-                                 name=f"batchllm-worker-{i}", daemon=True)
+                                 name=f"batchllm-worker-{i}", daemon=False)  # may start TP ranks
             try:
                 with visible_devices(device):  # set before the child's torch sees CUDA
                     proc.start()

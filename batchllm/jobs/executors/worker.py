@@ -158,4 +158,9 @@ def worker_main(setup: WorkerSetup, conn: Connection, signum: Any) -> None:
     except BaseException as e:  # noqa: BLE001 - reported to the driver, which retires us
         link.send(Failed(so_far(), type(e).__name__, f"{type(e).__name__}: {e}"))
     finally:
+        if engine is not None and hasattr(engine, "shutdown"):
+            try:
+                engine.shutdown()  # its tensor-parallel ranks, if any
+            except Exception:  # noqa: BLE001 - a broken group is already reported
+                pass
         conn.close()
