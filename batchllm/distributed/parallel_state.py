@@ -68,6 +68,8 @@ def tensor_model_parallel_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Te
     """Every rank's `x` concatenated along `dim` in rank order; `x` itself at size 1."""
     if _STATE.size == 1:
         return x
+    if x.is_cuda and dist.get_backend(_STATE.group) == "gloo":  # gloo gathers host tensors only
+        return tensor_model_parallel_all_gather(x.cpu(), dim).to(x.device)
     parts = [torch.empty_like(x) for _ in range(_STATE.size)]
     dist.all_gather(parts, x.contiguous(), group=_STATE.group)
     return torch.cat(parts, dim=dim)
