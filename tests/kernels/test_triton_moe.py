@@ -111,6 +111,28 @@ def test_triton_fused_moe_refuses_mismatched_shapes(triton_kernels, device):
     assert triton_kernels.fused_moe(x[:0], w13, w2, weights[:0], ids[:0]).shape == (0, 32)
 
 
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a CUDA GPU")
+def test_triton_fused_moe_replays_in_a_cuda_graph(triton_kernels, device):
+    """Decode steps are captured: no host sync, and a replay routes the new ids, not the captured ones."""
+    shape = (64, 16, 4, 256, 128)
+    x, w13, w2, weights, ids = _inputs(*shape, seed=3, device=device)
+    triton_kernels.fused_moe(x, w13, w2, weights, ids)  # compiles the kernels
+    torch.cuda.set_sync_debug_mode("error")  # any host sync inside raises
+    try:
+        triton_kernels.fused_moe(x, w13, w2, weights, ids)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = triton_kernels.fused_moe(x, w13, w2, weights, ids)
+    fresh = _inputs(*shape, seed=4, device=device)
+    for static, new in zip((x, weights, ids), (fresh[0], fresh[3], fresh[4])):
+        static.copy_(new)
+    graph.replay()
+    torch.testing.assert_close(out, reference.fused_moe(x, w13, w2, weights, ids), atol=1e-5, rtol=1e-5)
+
+
 def test_kernel_sets_carry_their_fused_moe():
     assert get_kernels("torch").fused_moe is reference.fused_moe
     if HAS_TRITON:
