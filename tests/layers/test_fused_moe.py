@@ -21,7 +21,8 @@ def checkpoint() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     return [(rand(INTER, H), rand(INTER, H), rand(H, INTER)) for _ in range(E)]
 
 
-def build(experts, tp_rank: int = 0, tp_size: int = 1) -> FusedMoE:
+def build(experts, tp_rank: int | None = None, tp_size: int | None = None) -> FusedMoE:
+    """A FusedMoE holding `experts`; rank and size from the process's parallel state unless given."""
     layer = FusedMoE(E, H, INTER, get_kernels("torch"), tp_rank=tp_rank, tp_size=tp_size)
     for e, (gate, up, down) in enumerate(experts):
         assert layer.weight_loader(layer.gate_up_proj, gate, (e, GATE)) == (e, e + 1)
@@ -89,3 +90,33 @@ def test_bad_checkpoint_tensors_are_named():
     with pytest.raises(ValueError, match="not divisible by the tensor parallel size 3"):
         FusedMoE(E, H, INTER, get_kernels("torch"), tp_rank=0, tp_size=3)
     assert get_kernels("torch").fused_moe is reference.fused_moe
+
+
+def _run_rank(rank: int, size: int, init_file: str) -> None:
+    """One gloo rank: a FusedMoE built from the process's parallel state sums to the unsplit MLP."""
+    import torch.distributed as dist
+
+    from batchllm.distributed import parallel_state as ps
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size)
+    try:
+        ps.init_tensor_parallel(rank, size)
+        torch.manual_seed(0)  # every rank draws the same checkpoint and routing
+        experts = [(torch.randn(INTER, H), torch.randn(INTER, H), torch.randn(H, INTER)) for _ in range(E)]
+        weights, ids = torch.topk(torch.randn(T, E).softmax(-1), K, dim=-1)
+        x = torch.randn(T, H)
+        layer = build(experts)
+        assert layer.tp_size == size and layer.down_proj.shape == (E, H, INTER // size)
+        w13 = torch.stack([torch.cat([g, u]) for g, u, _ in experts])
+        w2 = torch.stack([d for _, _, d in experts])
+        torch.testing.assert_close(layer(x, weights, ids), reference.fused_moe(x, w13, w2, weights, ids),
+                                   atol=1e-5, rtol=1e-5)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_gloo_ranks_compute_the_unsplit_result(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_run_rank, args=(2, str(tmp_path / "rendezvous")), nprocs=2, join=True)
