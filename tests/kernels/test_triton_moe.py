@@ -133,6 +133,27 @@ def test_triton_fused_moe_replays_in_a_cuda_graph(triton_kernels, device):
     torch.testing.assert_close(out, reference.fused_moe(x, w13, w2, weights, ids), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("eager", [True] + ([False] if ON_GPU else []), ids=lambda e: "eager" if e else "graphs")
+def test_engine_on_triton_kernels_matches_torch_backend(tiny_model_factory, device, family, eager):
+    """The whole engine with the Triton kernel set (the interpreter on CPU; on CUDA also decode
+    through CUDA graphs, several steps a round) gives the torch backend's greedy tokens (float32)."""
+    from batchllm import LLM, SamplingParams
+    from tests.e2e.test_generate import VOCAB, make_prompts
+
+    folder = tiny_model_factory(family)
+    prompts = make_prompts(VOCAB, [5, 17, 9], seed=11)
+    params = SamplingParams(temperature=0.0, max_tokens=8, min_tokens=8, ignore_eos=True)
+
+    def run(backend: str) -> list[list[int]]:
+        llm = LLM(str(folder), dtype="float32", device=device.type, attention_backend=backend,
+                  enforce_eager=eager)
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+    assert run("triton") == run("torch")
+
+
 def test_kernel_sets_carry_their_fused_moe():
     assert get_kernels("torch").fused_moe is reference.fused_moe
     if HAS_TRITON:
