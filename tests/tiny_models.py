@@ -15,6 +15,8 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "mistral": ("mistral", "MistralForCausalLM"),
     "qwen2": ("qwen2", "Qwen2ForCausalLM"),
     "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+    "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
+    "gemma3_mm": ("gemma3", "Gemma3ForConditionalGeneration"),  # text model inside a multimodal one
     "qwen3_moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
     "mixtral": ("mixtral", "MixtralForCausalLM"),
 }
@@ -26,6 +28,15 @@ _MOE: dict[str, dict[str, object]] = {
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48,
                     sliding_window=None),
 }
+
+# Gemma 3: local (8-key window) and global layers alternate; the two rotary bases, the attention
+# scale and the window all differ from their defaults, so mixing one up moves the logits
+_GEMMA3: dict[str, object] = dict(
+    num_hidden_layers=4, sliding_window=8, sliding_window_pattern=2,  # local, global, local, ...
+    rope_theta=1_000_000.0, rope_local_base_freq=100.0, query_pre_attn_scalar=24,
+    hidden_activation="gelu_pytorch_tanh")
+_TINY_SIGLIP = dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32,
+                    num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
@@ -78,6 +89,13 @@ def tiny_config(family: str = "llama", vocab_size: int = 300, **overrides: objec
     )
     if family == "mistral":
         kwargs["sliding_window"] = None
+    if model_type.startswith("gemma3"):
+        kwargs.update(_GEMMA3)
+    if model_type == "gemma3":  # the text model's settings go into text_config
+        text = {k: v for k, v in {**kwargs, **overrides}.items() if k != "architectures"}
+        return AutoConfig.for_model(model_type, architectures=[arch], text_config=text,
+                                    vision_config=dict(_TINY_SIGLIP), mm_tokens_per_image=4,
+                                    tie_word_embeddings=text["tie_word_embeddings"], dtype="float32")
     kwargs.update(_MOE.get(family, {}))
     # a tuple (hashable, as the tiny_model_factory fixture's keys must be) stands for a JSON list
     kwargs.update({k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()})

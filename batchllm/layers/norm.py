@@ -1,4 +1,4 @@
-"""RMSNorm over the last dimension, alone or fused with the residual add, through the model's kernel set."""
+"""RMSNorm over the last dimension (Llama's and Gemma's 1 + weight), alone or fused with the residual add, through the model's kernel set."""
 from __future__ import annotations
 
 import torch
@@ -28,3 +28,14 @@ class RMSNorm(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
                       shard_id: object = None) -> FilledRows:
         return replicated_weight_loader(param, loaded, shard_id)
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: the scale is 1 + weight (checkpoints store weight - 1; zeros are the
+    identity scale), added in float32 as HF's Gemma3RMSNorm does."""
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return self.kernels.rms_norm(x, self.weight, self.eps, weight_offset=1.0)
+        return self.kernels.fused_add_rms_norm(x, residual, self.weight, self.eps, weight_offset=1.0)

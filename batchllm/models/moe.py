@@ -68,22 +68,22 @@ def moe_family(hf_config, f: SimpleNamespace) -> SimpleNamespace:
     f.qk_norm = qwen
     f.num_experts = hf_config.num_experts if qwen else hf_config.num_local_experts
     f.top_k = hf_config.num_experts_per_tok
-    if not 0 < f.top_k <= f.num_experts:
-        raise ValueError(f"num_experts_per_tok={f.top_k} in config.json must be between 1 and the "
-                         f"number of experts ({f.num_experts})")
     if qwen:
         f.moe_intermediate_size = hf_config.moe_intermediate_size
         f.renormalize = bool(hf_config.norm_topk_prob)
         step = hf_config.decoder_sparse_step
         dense = set(hf_config.mlp_only_layers or [])
-        f.sparse_layers = frozenset(i for i in range(num_layers)
-                                    if i not in dense and step > 0 and (i + 1) % step == 0)
+        f.sparse_layers = frozenset(i for i in range(num_layers) if f.num_experts > 0 and
+                                    i not in dense and step > 0 and (i + 1) % step == 0)
         f.expert_parts = expert_parts("gate_proj", "up_proj", "down_proj")
     else:
         f.moe_intermediate_size = hf_config.intermediate_size
         f.renormalize = True
         f.sparse_layers = frozenset(range(num_layers))
         f.expert_parts = expert_parts("w1", "w3", "w2")
+    if f.sparse_layers and not 0 < f.top_k <= f.num_experts:
+        raise ValueError(f"num_experts_per_tok={f.top_k} in config.json must be between 1 and the "
+                         f"number of experts ({f.num_experts})")
     return f
 
 

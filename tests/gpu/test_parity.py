@@ -1,6 +1,6 @@
 """GPU correctness: every supported family against HF transformers on the same random weights, on CUDA.
 
-For each family (llama, mistral, qwen2, qwen3, qwen3_moe, mixtral) and each kernel backend (torch, triton):
+For each family (llama, mistral, qwen2, qwen3, qwen3_moe, mixtral, gemma3) and each kernel backend (torch, triton):
 - float32 greedy generation equals HF `generate` token for token (TF32 off on both sides; HF's
   min_new_tokens masks EOS, so ours masks it too with min_tokens), through the engine's
   multi-step decode and CUDA graphs; float32 teacher-forced logits within 1e-3 of HF's;
@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.gpu,
 
 SHAPE = dict(hidden_size=256, num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2,
              head_dim=32, intermediate_size=512, max_position_embeddings=1024)
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gemma3")
 BACKENDS = ("torch", "triton")
 NEW_TOKENS = 16
 

@@ -49,6 +49,14 @@ def test_dense_and_sparse_layers_follow_the_config(tiny_model_factory):
     assert routed == [False, True, False, False]
 
 
+def test_more_experts_per_token_than_experts_is_refused_by_name():
+    from batchllm.models.moe import MoeForCausalLM
+    from tests.tiny_models import tiny_config
+
+    with pytest.raises(ValueError, match=r"num_experts_per_tok=5 in config.json .* experts \(4\)"):
+        MoeForCausalLM(tiny_config("mixtral", num_experts_per_tok=5), torch.float32, CPU)
+
+
 @pytest.fixture(scope="module", params=["qwen3_moe", "mixtral"])
 def moe_reference(request, tiny_model_factory):
     folder = tiny_model_factory(request.param)
