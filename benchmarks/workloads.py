@@ -24,7 +24,7 @@ class Workload:
         return sum(self.output_lens)
 
 
-WORKLOADS = ("W-8B", "W-nano", "W-hf", "W-prefix", "W-pressure", "W-moe")
+WORKLOADS = ("W-8B", "W-nano", "W-hf", "W-prefix", "W-pressure", "W-moe", "W-70B")
 
 
 def _ids(rng: random.Random, n: int, vocab: int) -> list[int]:
@@ -35,9 +35,10 @@ def _ids(rng: random.Random, n: int, vocab: int) -> list[int]:
 def build_workload(name: str, seed: int = 0) -> Workload:
     """Prompts and output lengths of workload `name` (W-pressure reuses W-hf's)."""
     rng = random.Random(seed)
-    if name == "W-8B":
-        v = SHAPES["Llama-3.1-8B"]["vocab_size"]
-        return Workload(name, "Llama-3.1-8B", [_ids(rng, 256, v) for _ in range(1000)], [256] * 1000)
+    if name in ("W-8B", "W-70B"):  # the same 1000 x 256/256 on two shapes (W-70B: several GPUs)
+        shape = "Llama-3.1-8B" if name == "W-8B" else "Llama-3.1-70B"
+        v = SHAPES[shape]["vocab_size"]
+        return Workload(name, shape, [_ids(rng, 256, v) for _ in range(1000)], [256] * 1000)
     if name == "W-nano":
         v = SHAPES["Qwen3-0.6B"]["vocab_size"]
         in_lens = [rng.randint(100, 1024) for _ in range(256)]
