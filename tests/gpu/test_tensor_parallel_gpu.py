@@ -33,8 +33,10 @@ def test_two_ranks_equal_one_on_cuda(tmp_path, monkeypatch, family):
     try:
         outs = []
         for tp in (1, 2):
+            # sharing one GPU, each rank sizes its KV cache from the same free memory: take a third
             llm = LLM(str(folder), dtype="float32", device="cuda", tensor_parallel_size=tp,
-                      enforce_eager=shared, num_decode_steps=4, async_scheduling=True)
+                      enforce_eager=shared, num_decode_steps=4, async_scheduling=True,
+                      gpu_memory_utilization=0.3 if shared else 0.9)
             try:
                 outs.append(llm.generate(prompts, sp))
             finally:
