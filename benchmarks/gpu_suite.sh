@@ -2,7 +2,9 @@
 # GPU suite: kernel tests on CUDA, correctness against HF, kernel and throughput benchmarks.
 # Usage: benchmarks/gpu_suite.sh OUTDIR [STEP ...]
 #   steps (default: all, in this order): tests parity kernels hf W-8B W-nano W-prefix W-pressure
-#   (also: profile = step_profile.py per shape, timeline = step_profile.py --workload W-hf, W-hf)
+#   (also: profile = step_profile.py per shape, timeline = step_profile.py --workload W-hf, W-hf,
+#   multi-gpu = benchmarks/multi_gpu.py over every layout that fits the visible GPUs, or
+#   multi-gpu-<layouts> for some of them, e.g. multi-gpu-W-8B, multi-gpu-W-70B, to split a long run)
 # Old code against new, side by side: benchmarks/ab.py (not a step: it needs the old tree).
 # Each step writes OUTDIR/<step>.log (and a JSON where it has figures); a short table comes last.
 # At the end the JSONs are merged into OUTDIR/all_results.json and everything is packed into
@@ -44,11 +46,16 @@ for step in $STEPS; do
     timeline) run_step timeline $PY benchmarks/step_profile.py --workload W-hf --json "$OUT/timeline.json" ;;
     hf)      run_step W-hf-side-by-side $PY benchmarks/hf_side_by_side.py --json "$OUT/W-hf-side-by-side.json" ;;
     W-*)     run_step "$step" $PY benchmarks/throughput.py --workload "$step" --json "$OUT/$step.json" ;;
-    *)       echo "unknown step $step (tests parity kernels profile timeline hf W-8B W-nano W-hf W-prefix W-pressure)"; status=1 ;;
+    multi-gpu) run_step multi-gpu $PY benchmarks/multi_gpu.py --json "$OUT/multi-gpu.json" ;;
+    multi-gpu-*) run_step "$step" $PY benchmarks/multi_gpu.py --layouts "${step#multi-gpu-}" --json "$OUT/$step.json" ;;
+    *)       echo "unknown step $step (tests parity kernels profile timeline hf W-8B W-nano W-hf W-prefix W-pressure multi-gpu multi-gpu-<layouts>)"; status=1 ;;
   esac
 done
 for log in tests parity; do
   grep -E "passed|failed|error|skipped" "$OUT/$log.log" 2>/dev/null | tail -n 1 | sed "s/^/$log: /"
+done
+for log in "$OUT"/multi-gpu*.log; do  # multi_gpu.py ends with its own table (layouts, efficiency, targets)
+  [ -f "$log" ] && sed -n '/^== multi-gpu ==/,$p' "$log"
 done
 $PY benchmarks/summarize.py "$OUT"
 # Only a few files come back from the GPU machine: merge every JSON into all_results.json and

@@ -144,7 +144,7 @@ def run_layout(layout: Layout, args, model_dir: Path, gpus: list[str], engine: d
     n = len(work.prompts)
     bounds = [(i * n // layout.dp, (i + 1) * n // layout.dp) for i in range(layout.dp)]
     cpu = engine.get("device") == "cpu"
-    threads = max(1, torch.get_num_threads() // layout.dp) if cpu else None
+    threads = max(1, torch.get_num_threads() // layout.dp)  # the replicas split the host's cores
     devices = [None if cpu else ",".join(gpus[i * layout.tp:(i + 1) * layout.tp]) for i in range(layout.dp)]
     setups = [ReplicaSetup(i, layout.workload, work.shape, args.num_prompts, a, b, str(model_dir), layout.tp,
                            dict(engine), threads) for i, (a, b) in enumerate(bounds)]

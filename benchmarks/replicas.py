@@ -47,7 +47,7 @@ class ReplicaSetup:
     model_dir: str
     tensor_parallel_size: int
     engine: dict             # engine settings on top of make_llm's (e.g. from --set)
-    threads: int | None      # torch threads (CPU: the replicas share the cores)
+    threads: int | None      # torch threads (the replicas share the host's cores)
 
 
 def replica_workload(workload: str, shape: str, num_prompts: int | None, start: int = 0,
