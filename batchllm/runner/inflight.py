@@ -22,6 +22,7 @@ class InflightRound:
     host: torch.Tensor | None  # [steps, rows, columns]: the samples, copied (or being copied) to the host
     event: object | None  # CUDA event after the copy; None on CPU
     output: RunnerOutput | None = None  # already on the host (a step that ran synchronously)
+    failed: dict[str, str] | None = None  # requests the runner could not set up: req_id -> why
 
     @staticmethod
     def done(output: RunnerOutput, device: torch.device) -> "InflightRound":
@@ -53,6 +54,13 @@ def queue_results(req_ids: list[str], active: np.ndarray, samples: list[DeviceSa
 def collect_results(round_: InflightRound) -> RunnerOutput:
     """Wait for a launched plan (only for it) and shape its samples per request: each request's
     tokens of the sub-steps it was active in."""
+    out = _collect(round_)
+    if round_.failed:
+        out.errors.update(round_.failed)
+    return out
+
+
+def _collect(round_: InflightRound) -> RunnerOutput:
     if round_.output is not None:
         return round_.output
     if round_.event is not None:

@@ -23,6 +23,7 @@ from batchllm.runner.inflight import InflightRound, collect_results, merge_outpu
 from batchllm.runner.input_batch import HostBatch, build_host_batch, build_round_batch, longest_first
 from batchllm.runner.kv_cache import KVCache
 from batchllm.runner.sampler import Sampler
+from batchllm.sampling_params import SamplingParams
 
 
 class EngineFaultError(RuntimeError):
@@ -69,7 +70,12 @@ class ModelRunner:
         samples feed this plan's placeholder inputs (plan.prev_rows)."""
         if self.tp_group is not None:
             self.tp_group.send(plan)
-        self._apply_plan(plan)
+        failed = self._apply_plan(plan)
+        handle = self._launch(plan, prev)
+        handle.failed = failed or None
+        return handle
+
+    def _launch(self, plan: SchedulerOutput, prev: InflightRound | None) -> InflightRound:
         if not plan.chunks:
             return InflightRound.done(RunnerOutput(), self.device)
         rows = None
@@ -96,8 +102,11 @@ class ModelRunner:
         return collect_results(handle)
 
     # ------------------------------------------------------------------ internals
-    def _apply_plan(self, plan: SchedulerOutput) -> None:
-        """The plan's bookkeeping and block moves (swap out, swap in, copy-on-write), in order."""
+    def _apply_plan(self, plan: SchedulerOutput) -> dict[str, str]:
+        """The plan's bookkeeping and block moves (swap out, swap in, copy-on-write), in order.
+        Returns the new requests the sampler could not take (req_id -> why): they run this step
+        with default sampling and come back as errors, so one bad request fails alone."""
+        failed: dict[str, str] = {}
         if self.sampler is not None:
             for req_id in plan.finished_req_ids:
                 self.sampler.remove_request(req_id)
@@ -106,9 +115,15 @@ class ModelRunner:
         self.kv_cache.copy(plan.copy_blocks)
         if self.sampler is not None:
             for new in plan.new_requests:
-                self.sampler.add_request(new.req_id, new.prompt_token_ids, new.sampling_params,
-                                         new.seed, self.eos_token_id)
-            self.sampler.set_grammar(plan.grammar)  # structured output: the constrained rows' mask
+                try:
+                    self.sampler.add_request(new.req_id, new.prompt_token_ids, new.sampling_params,
+                                             new.seed, self.eos_token_id)
+                except (ValueError, TypeError, OverflowError, RuntimeError) as exc:
+                    self.sampler.add_request(new.req_id, new.prompt_token_ids, SamplingParams(),
+                                             None, self.eos_token_id)
+                    failed[new.req_id] = (f"request {new.req_id!r}: its sampling settings could "
+                                          f"not be applied: {type(exc).__name__}: {exc}")
+        return failed
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(array)

@@ -53,3 +53,27 @@ def test_capture_sizes_cover_every_batch():
         for b in range(1, top + 1):
             s = next(x for x in sizes if x >= b)
             assert s - b < max(16, b / 8)
+
+
+def test_a_request_the_sampler_cannot_take_fails_alone(tiny_model_dir):
+    """One request whose sampling state cannot be built (here: the generator refuses its seed)
+    becomes an error output; the requests beside it in the same steps are unchanged."""
+    prompts = make_prompts(VOCAB, [6, 19, 11], seed=13)
+    params = [SamplingParams(temperature=0.8, seed=s, max_tokens=8) for s in (1, 2, 3)]
+    base = LLM(str(tiny_model_dir), dtype="float32", device="cpu").generate(prompts, params)
+    llm = LLM(str(tiny_model_dir), dtype="float32", device="cpu")
+    sampler = llm.engine.runner.sampler
+    real = sampler.add_request
+
+    def add_request(req_id, prompt_token_ids, params, seed, eos_token_id):
+        if seed == 2:
+            raise RuntimeError("Overflow when unpacking long long")
+        return real(req_id, prompt_token_ids, params, seed, eos_token_id)
+
+    sampler.add_request = add_request
+    got = llm.generate(prompts, params)
+    assert got[1].error and "Overflow when unpacking long long" in got[1].error
+    assert got[1].outputs[0].finish_reason == "error"
+    for i in (0, 2):
+        assert got[i].error is None
+        assert got[i].outputs[0].token_ids == base[i].outputs[0].token_ids
