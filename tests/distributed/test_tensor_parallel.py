@@ -40,7 +40,7 @@ def assert_same(one: list, other: list) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gemma3"])
 def test_two_ranks_give_the_outputs_and_logprobs_of_one(tiny_model_factory, family):
     model = tiny_model_factory(family)
     prompts = make_prompts(VOCAB, [5, 17, 9, 30], seed=41)
