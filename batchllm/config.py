@@ -52,7 +52,13 @@ class SchedulerConfig:
     """Token budget per step, sequence cap, and the preemption policy."""
 
     max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
+    # Tokens computed per step (decodes first, then prefill chunks). None: 8192 on CUDA; 2048 on
+    # CPU, where a step's time grows with its tokens and a long prompt would hold up every other
+    # row's next token for as long as its whole prefill takes.
+    max_num_batched_tokens: int | None = None
+    # A prompt computes at most this many of its tokens per step (0: up to the whole budget), so
+    # one long prompt leaves room for other prompts to start beside it.
+    long_prefill_token_threshold: int = 0
     preemption_mode: str = "auto"
     # In `auto` mode, a request with at least this many computed tokens is swapped; shorter ones
     # are recomputed. Recomputing N tokens costs one prefill of N tokens (fast, compute bound, and
@@ -73,8 +79,10 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         _check(self.max_num_seqs > 0, "max_num_seqs", self.max_num_seqs, "a positive integer")
-        _check(self.max_num_batched_tokens > 0, "max_num_batched_tokens",
-               self.max_num_batched_tokens, "a positive integer")
+        _check(self.max_num_batched_tokens is None or self.max_num_batched_tokens > 0,
+               "max_num_batched_tokens", self.max_num_batched_tokens, "a positive integer or null")
+        _check(self.long_prefill_token_threshold >= 0, "long_prefill_token_threshold",
+               self.long_prefill_token_threshold, "an integer >= 0 (0: off)")
         _check(self.num_decode_steps is None or 1 <= self.num_decode_steps <= 64,
                "num_decode_steps", self.num_decode_steps, "an integer in [1, 64] or null")
         _check(self.preemption_mode in PREEMPTION_MODES, "preemption_mode", self.preemption_mode,

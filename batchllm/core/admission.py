@@ -87,7 +87,7 @@ class Admission:
         if hashes and first_new < (req.num_tokens - 1) // self.block_size and (
                 hashes[first_new] in plan.computing_hashes or hashes[first_new] in self._computing):
             return None
-        n = min(req.num_tokens - num_hit, budget)
+        n = min(req.num_tokens - num_hit, self._chunk_cap(budget))
         n = self.groups.cap_leader_tokens(req, num_hit, n, becoming_leader=True)
         copies = self.kv.allocate_slots(req, n, hits)
         if copies is None:

@@ -221,8 +221,13 @@ class Scheduler(Admission):
     def _num_new_tokens(self, req: Request, budget: int) -> int:
         if self._steps_left(req) < 1 or (req.num_output_placeholders and _constrained(req)):
             return 0
-        n = min(req.num_planned_tokens - req.num_computed_tokens, budget)
+        n = min(req.num_planned_tokens - req.num_computed_tokens, self._chunk_cap(budget))
         return self.groups.cap_leader_tokens(req, req.num_computed_tokens, n)
+
+    def _chunk_cap(self, budget: int) -> int:
+        """At most this many tokens of one request in a step (long_prefill_token_threshold)."""
+        cap = self.config.long_prefill_token_threshold
+        return min(budget, cap) if cap else budget
 
     def _add_chunk(self, plan: SchedulerOutput, req: Request, n: int, num_steps: int = 1) -> None:
         """Plan n tokens of req from its first uncomputed one (num_steps decode steps when > 1)

@@ -127,8 +127,11 @@ def build_rank(config: EngineConfig, device: torch.device, backend: str, eos_id:
 
 
 def with_device_defaults(config: EngineConfig, device: torch.device) -> EngineConfig:
-    """num_decode_steps and async_scheduling left unset take their defaults for the device."""
+    """num_decode_steps, async_scheduling and max_num_batched_tokens left unset take their
+    defaults for the device."""
     sched = config.scheduler
+    if sched.max_num_batched_tokens is None:
+        sched = replace(sched, max_num_batched_tokens=8192 if device.type == "cuda" else 2048)
     if sched.num_decode_steps is None:
         sched = replace(sched, num_decode_steps=8 if device.type == "cuda" else 1)
     if sched.async_scheduling is None:

@@ -12,6 +12,7 @@ from tests.core.invariants import check_invariants
 def make(num_gpu_blocks: int = 64, num_cpu_blocks: int = 0, block_size: int = 4,
          max_model_len: int = 1024, caching: bool = True, **sched: object
          ) -> tuple[Scheduler, FakeRunner]:
+    sched.setdefault("max_num_batched_tokens", 8192)  # the engine resolves the device default
     s = Scheduler(SchedulerConfig(**sched), CacheConfig(block_size=block_size,
                                                         enable_prefix_caching=caching),
                   num_gpu_blocks, num_cpu_blocks, max_model_len)

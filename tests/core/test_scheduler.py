@@ -311,3 +311,20 @@ def test_a_step_planned_ahead_after_a_prefill_step():
     s.update(nxt, runner.collect(runner.launch(nxt, out)))
     check_invariants(s)
     assert s.requests["a"].num_output_tokens == 2 and s.requests["c"].num_output_tokens == 1
+
+
+def test_a_long_prompt_takes_its_share_per_step_and_others_start_beside_it():
+    """long_prefill_token_threshold: one long prompt computes at most that many tokens a step,
+    so shorter prompts start (and decode) in the same steps instead of waiting for it."""
+    s, runner = make(max_num_batched_tokens=64, long_prefill_token_threshold=16, caching=False)
+    long = req("long", list(range(200)), max_tokens=2)
+    s.add_request(long)
+    shorts = [req(f"s{i}", [i + 1] * 5, max_tokens=3, t=1.0) for i in range(3)]
+    for r in shorts:
+        s.add_request(r)
+    plan, _ = step(s, runner)
+    assert [(c.req_id, len(c.token_ids)) for c in plan.chunks] == \
+        [("long", 16), ("s0", 5), ("s1", 5), ("s2", 5)]
+    done = drain(s, runner)
+    assert all(done[r.request_id].num_output_tokens == 3 for r in shorts)
+    assert long.output_token_ids == reference_output(list(range(200)), None, V, 2)

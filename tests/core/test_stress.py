@@ -22,7 +22,8 @@ def run_random(seed: int, mode: str, caching: bool, decode_steps: int = 1,
                      block_size=bs, max_model_len=rng.choice([32, 64]), caching=caching,
                      preemption_mode=mode, swap_threshold_tokens=rng.choice([1, 12, 1000]),
                      max_num_batched_tokens=rng.choice([8, 24, 64]),
-                     max_num_seqs=rng.choice([2, 4, 16]), num_decode_steps=decode_steps)
+                     max_num_seqs=rng.choice([2, 4, 16]), num_decode_steps=decode_steps,
+                     long_prefill_token_threshold=rng.choice([0, 0, 5]))
     prefixes = [[rng.randrange(V) for _ in range(rng.randint(1, 20))] for _ in range(3)]
     pending = []  # (arrival step, requests of one prompt)
     for i in range(rng.randint(10, 25)):
