@@ -123,6 +123,7 @@ class ModelRunner:
                                              None, self.eos_token_id)
                     failed[new.req_id] = (f"request {new.req_id!r}: its sampling settings could "
                                           f"not be applied: {type(exc).__name__}: {exc}")
+            self.sampler.set_grammar(plan.grammar)  # structured output: the constrained rows' mask
         return failed
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
