@@ -8,6 +8,8 @@ ATTENTION_BACKENDS = ("auto", "torch", "triton")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+QUANTIZATIONS = (None, "fp8")
+MODEL_IMPLS = ("auto", "native", "transformers")
 
 
 class ConfigError(ValueError):
@@ -101,6 +103,9 @@ class ModelConfig:
     trust_remote_code: bool = False
     allow_pickle: bool = False  # .bin / .pt weights are refused unless this is set
     load_format: str = "auto"  # auto | safetensors | gguf | dummy
+    # auto: batchllm's own implementation when the architecture has one, else transformers'
+    # modeling code with batchllm's paged KV cache and attention; native | transformers: force one
+    model_impl: str = "auto"
 
     def __post_init__(self) -> None:
         _check(self.dtype in DTYPES, "dtype", self.dtype, " | ".join(DTYPES))
@@ -108,6 +113,7 @@ class ModelConfig:
                self.max_model_len, "a positive integer")
         _check(self.load_format in ("auto", "safetensors", "gguf", "dummy", "pt"), "load_format",
                self.load_format, "auto | safetensors | gguf | dummy | pt")
+        _check(self.model_impl in MODEL_IMPLS, "model_impl", self.model_impl, " | ".join(MODEL_IMPLS))
 
 
 @dataclass(frozen=True, slots=True)

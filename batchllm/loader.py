@@ -29,7 +29,7 @@ WeightIter = Iterator[tuple[str, torch.Tensor]]
 
 def load_model(model_config: ModelConfig, device: torch.device) -> tuple[nn.Module, object]:
     """Build the model of `model_config.model` on `device` and fill its weights; returns (model, hf_config)."""
-    from batchllm.models.registry import get_model_class
+    from batchllm.models.registry import build_model
 
     path = hub.resolve_model(model_config.model)
     fmt = model_config.load_format
@@ -44,8 +44,8 @@ def load_model(model_config: ModelConfig, device: torch.device) -> tuple[nn.Modu
     else:
         hf_config = load_hf_config(path if gguf is None else gguf, model_config.trust_remote_code)
     dtype = resolve_dtype(model_config.dtype, hf_config, device)
-    cls = get_model_class(hf_config)
-    model = cls(hf_config, dtype=dtype, device=device)
+    model = build_model(hf_config, model_config.model_impl, dtype, device,
+                        trust_remote_code=model_config.trust_remote_code)
     if fmt == "dummy":
         init_dummy_weights(model, model_config.seed)
     else:

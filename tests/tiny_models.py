@@ -19,6 +19,11 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "gemma3_mm": ("gemma3", "Gemma3ForConditionalGeneration"),  # text model inside a multimodal one
     "qwen3_moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
     "mixtral": ("mixtral", "MixtralForCausalLM"),
+    # no native implementation: these run through the transformers fallback
+    "phi3": ("phi3", "Phi3ForCausalLM"),
+    "olmo2": ("olmo2", "Olmo2ForCausalLM"),
+    "granite": ("granite", "GraniteForCausalLM"),
+    "gemma2": ("gemma2", "Gemma2ForCausalLM"),
 }
 # mixture-of-experts families: few, small experts (Qwen3-MoE 8 of 32 features, top 2, weights
 # renormalized; Mixtral 4 of 48, top 2), so the tokens of a step spread over several experts
@@ -35,6 +40,18 @@ _GEMMA3: dict[str, object] = dict(
     num_hidden_layers=4, sliding_window=8, sliding_window_pattern=2,  # local, global, local, ...
     rope_theta=1_000_000.0, rope_local_base_freq=100.0, query_pre_attn_scalar=24,
     hidden_activation="gelu_pytorch_tanh")
+# Fallback families, each with what sets it apart from Llama turned away from its default so that a
+# step the fallback skipped moves the logits: Phi-3's sliding window (8 keys) over fused qkv and
+# gate_up; Granite's four multipliers; Gemma 2's alternating local / global layers, attention
+# scale, tanh-capped logits (its attention-logit cap is off: the paged kernels do not apply one)
+_FALLBACK: dict[str, dict[str, object]] = {
+    "phi3": dict(sliding_window=8, original_max_position_embeddings=512),
+    "olmo2": {},
+    "granite": dict(embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2,
+                    logits_scaling=4.0),
+    "gemma2": dict(sliding_window=8, query_pre_attn_scalar=24, attn_logit_softcapping=None,
+                   final_logit_softcapping=5.0, hidden_activation="gelu_pytorch_tanh"),
+}
 _TINY_SIGLIP = dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32,
                     num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
 
@@ -97,6 +114,7 @@ def tiny_config(family: str = "llama", vocab_size: int = 300, **overrides: objec
                                     vision_config=dict(_TINY_SIGLIP), mm_tokens_per_image=4,
                                     tie_word_embeddings=text["tie_word_embeddings"], dtype="float32")
     kwargs.update(_MOE.get(family, {}))
+    kwargs.update(_FALLBACK.get(family, {}))
     # a tuple (hashable, as the tiny_model_factory fixture's keys must be) stands for a JSON list
     kwargs.update({k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()})
     return AutoConfig.for_model(model_type, **kwargs)

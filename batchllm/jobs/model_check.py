@@ -34,6 +34,31 @@ def check_model(model: str, where: str) -> None:
                             f"known short name ({', '.join(hub.short_names())})")
 
 
+def check_architecture(model: str, where: str, model_impl: str = "auto",
+                       trust_remote_code: bool = False, tensor_parallel_size: int = 1) -> None:
+    """A model folder's architecture can run under these engine settings: natively, or through the
+    transformers fallback (a causal LM whose attention batchllm can serve); else exit 2 with why.
+    Torch is imported only when the architecture has no native implementation."""
+    path = Path(model).expanduser()
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        return  # a known short name (native) or a .gguf file: checked when it loads
+    from batchllm.models import registry
+
+    config = _check_json(config_file, where)
+    try:
+        if registry.native_architecture(config) is None or model_impl == "transformers":
+            from batchllm.loader import ModelLoadError, load_hf_config
+
+            try:
+                config = load_hf_config(path, trust_remote_code)
+            except ModelLoadError as e:
+                raise JobModelError(f"{where}: {e}") from None
+        registry.check_runnable(config, model_impl, tensor_parallel_size)
+    except registry.UnsupportedModelError as e:
+        raise JobModelError(f"{where}: model {model}: {e}") from None
+
+
 def check_model_files(folder: Path, where: str) -> None:
     for name in _JSON_FILES:
         f = folder / name

@@ -15,7 +15,7 @@ from batchllm.io.readers import InputError, Shard, find_input_files, input_colum
 from batchllm.io.schema import kept_fields, output_schema
 from batchllm.jobs.errors import JobInputError
 from batchllm.jobs.input_scan import scan_inputs
-from batchllm.jobs.model_check import check_model
+from batchllm.jobs.model_check import check_architecture, check_model
 from batchllm.jobs.plan import WorkUnit, plan_units
 from batchllm.jobs.spec import JobSpec
 
@@ -35,6 +35,9 @@ class JobPlan:
 def plan_job(spec: JobSpec) -> JobPlan:
     where = spec.source or "job"
     check_model(spec.model, where)
+    check_architecture(spec.model, where, spec.engine.get("model_impl", "auto"),
+                       bool(spec.engine.get("trust_remote_code", False)),
+                       int(spec.engine.get("tensor_parallel_size", 1)))
     if spec.tokenizer is not None:
         check_model(spec.tokenizer, where)
     try:

@@ -68,12 +68,13 @@ def test_logits_match_transformers(tiny_model_factory, family, tie):
 
 
 def test_unknown_architecture_lists_the_supported_ones(tmp_path):
+    """With model_impl=native (auto would run it through the transformers fallback)."""
     from transformers import GPTNeoXConfig
 
     GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                   vocab_size=64, architectures=["GPTNeoXForCausalLM"]).save_pretrained(tmp_path)
     with pytest.raises(UnsupportedModelError) as err:
-        load_model(ModelConfig(model=str(tmp_path), load_format="dummy"), CPU)
+        load_model(ModelConfig(model=str(tmp_path), load_format="dummy", model_impl="native"), CPU)
     message = str(err.value)
     assert "GPTNeoXForCausalLM" in message
     assert all(a in message for a in ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"))
