@@ -74,7 +74,8 @@ class Sampler:
         self._free_slots: list[int] = []
         self._greedy_sample = greedy_sample_for(self.device)
         self._grammar: tuple[dict[str, int], torch.Tensor] | None = None  # see set_grammar
-        self._shifts = torch.arange(32, dtype=torch.int32, device=self.device)
+        # byte -> its 8 bits (little-endian words: byte k of word w holds tokens 32w + 8k ...)
+        self._bits_of_byte = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool().to(self.device)
 
     @property
     def num_requests(self) -> int:
@@ -136,8 +137,8 @@ class Sampler:
         if not found:
             return None
         rows = self._tensor([i for i, _ in found], torch.long)
-        words = bits[self._tensor([j for _, j in found], torch.long)]
-        allowed = ((words[:, :, None] >> self._shifts) & 1).bool().flatten(1)[:, :vocab]
+        words = bits[self._tensor([j for _, j in found], torch.long)]  # [rows, words] int32
+        allowed = self._bits_of_byte[words.view(torch.uint8).long()].flatten(1)[:, :vocab]
         if allowed.shape[1] < vocab:  # logits wider than the tokenizer: the rest is not allowed
             allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
         return rows, allowed
