@@ -1,9 +1,11 @@
 """Throughput of one BENCHMARKS.md workload: warm-up excluded, one timed pass, roofline ratio.
 
-Usage: python benchmarks/throughput.py --workload W-8B|W-nano|W-hf|W-prefix|W-pressure [--json OUT]
-       [--set KEY=VALUE ...] [--num-prompts N] [--shape NAME]
+Usage: python benchmarks/throughput.py --workload W-8B|W-nano|W-hf|W-prefix|W-pressure|W-json
+       [--json OUT] [--set KEY=VALUE ...] [--num-prompts N] [--shape NAME] [--tokenizer DIR]
 W-prefix runs with prefix caching on and off; W-pressure caps the KV cache to 1/4 of need and
-runs every preemption mode against an unconstrained greedy run. The floor uses the ceilings of
+runs every preemption mode against an unconstrained greedy run; W-json runs W-hf's prompts
+unconstrained and each with its JSON schema, side by side (--tokenizer: an HF tokenizer folder
+whose vocabulary fits the shape's; default the tests' tiny byte-level one, whose masks are cheap). The floor uses the ceilings of
 the device it runs on (benchmarks/roofline.py), recorded in the JSON.
 Smoke run on CPU: --set device=cpu --shape Tiny --num-prompts 8 (figures mean nothing there).
 """
@@ -26,31 +28,50 @@ from benchmarks.common import (THROUGHPUT_ENGINE, StepTrace, count_output_tokens
 from benchmarks.roofline import device_ceilings, workload_floor  # noqa: E402
 from benchmarks.shapes import SHAPES, shape_stats, write_model_dir  # noqa: E402
 from benchmarks.workloads import WORKLOADS, Workload, build_workload, warmup_workload  # noqa: E402
+from batchllm.sampling_params import StructuredOutputsParams  # noqa: E402
 
 COUNTERS = ("num_preemptions", "prefix_cache_queries", "prefix_cache_hits", "num_prompt_tokens",
             "num_generated_tokens", "num_shared_prefix_steps", "num_chained_steps", "num_chained_rounds")
 
 
-def warm_up(llm, work: Workload) -> None:
+def warm_up(llm, work: Workload, constrained: bool = False) -> None:
     prompts, outs = warmup_workload(work)
-    llm.generate(prompts, [greedy(n) for n in outs])
+    llm.generate(prompts, _params(outs, work.schemas if constrained else None))
 
 
-def run_once(model_dir: Path, work: Workload, logprobs: int | None = None, **engine_kwargs: object) -> dict:
-    """Build an engine, warm it up, time the workload; returns figures, stats delta and outputs."""
+def _params(output_lens: list[int], schemas: list[dict] | None, logprobs: int | None = None) -> list:
+    """Greedy, fixed lengths; with schemas, each request also constrained to its schema (it then
+    ends where its JSON is complete, within its length)."""
+    params = [greedy(n, logprobs) for n in output_lens]
+    if schemas:
+        params = [p.with_overrides(structured_outputs=StructuredOutputsParams(
+            json=schemas[i % len(schemas)])) for i, p in enumerate(params)]
+    return params
+
+
+def run_once(model_dir: Path, work: Workload, logprobs: int | None = None, constrained: bool = False,
+             **engine_kwargs: object) -> dict:
+    """Build an engine, warm it up, time the workload; returns figures, stats delta and outputs.
+    `constrained`: each request with its schema (W-json)."""
     t0 = time.perf_counter()
     llm = make_llm(model_dir, **engine_kwargs)
     startup = time.perf_counter() - t0  # weights, KV cache, CUDA graph capture
-    warm_up(llm, work)
+    warm_up(llm, work, constrained)
     before = llm.stats()
     with StepTrace(llm.engine) as trace:
-        seconds, outs = timed_generate(llm, work.prompts, work.output_lens, logprobs)
+        if constrained:
+            seconds, outs = _timed(llm, work.prompts, _params(work.output_lens, work.schemas))
+        else:
+            seconds, outs = timed_generate(llm, work.prompts, work.output_lens, logprobs)
     after = llm.stats()
     delta = {k: after[k] - before.get(k, 0) for k in COUNTERS if k in after}
     errors = [o.outputs[0].finish_reason for o in outs if o.outputs[0].finish_reason == "error"]
     result = dict(rates(seconds, len(outs), work.num_prompt_tokens, count_output_tokens(outs)),
                   stats=delta, num_errors=len(errors), engine=engine_kwargs, startup_s=round(startup, 2),
                   kv_blocks=after.get("num_gpu_blocks"), steps=trace.summary())
+    if constrained:
+        valid = [o.outputs[0].structured_output_valid for o in outs]
+        result.update(num_valid=sum(v is True for v in valid), num_invalid=sum(v is False for v in valid))
     tokens = [list(o.outputs[0].token_ids) for o in outs]
     top = [o.outputs[0].top_logprobs for o in outs] if logprobs else None
     del llm
@@ -82,6 +103,35 @@ def with_floor(result: dict, work: Workload, cached: int = 0) -> dict:
 
 def bench_plain(model_dir: Path, work: Workload) -> dict:
     return with_floor(run_once(model_dir, work)["result"], work)
+
+
+def _timed(llm, prompts: list[list[int]], params: list) -> tuple[float, list]:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, outs
+
+
+def bench_json(model_dir: Path, work: Workload, tokenizer: str) -> dict:
+    """W-json: the prompts unconstrained (fixed lengths) and constrained to their schemas (up to
+    the same lengths), one after the other in this call; the ratio compares output tokens/s."""
+    kw = dict(tokenizer=tokenizer, skip_tokenizer_init=False)
+    plain = run_once(model_dir, work, **kw)["result"]
+    constrained = run_once(model_dir, work, constrained=True, **kw)["result"]
+    return dict(unconstrained=plain, constrained=constrained, tokenizer=tokenizer,
+                output_tok_per_s_ratio=round(constrained["output_tok_per_s"] / plain["output_tok_per_s"], 3))
+
+
+def write_tiny_tokenizer(folder: Path) -> str:
+    """The tests' byte-level BPE tokenizer (300 ids), for smoke runs of W-json."""
+    from tests.tiny_models import build_tokenizer
+
+    out = Path(folder) / "tiny-tokenizer"
+    build_tokenizer().save_pretrained(str(out))
+    return str(out)
 
 
 def bench_prefix(model_dir: Path, work: Workload) -> dict:
@@ -160,7 +210,8 @@ def bench_pressure(model_dir: Path, work: Workload) -> dict:
 def truncated(work: Workload, n: int | None) -> Workload:
     """The first n requests of a workload (all of them when n is None)."""
     n = len(work.prompts) if n is None else min(n, len(work.prompts))
-    return Workload(work.name, work.shape, work.prompts[:n], work.output_lens[:n], work.shared_prefix_len)
+    return Workload(work.name, work.shape, work.prompts[:n], work.output_lens[:n], work.shared_prefix_len,
+                    work.schemas[:n] if work.schemas else None)
 
 
 def main() -> None:
@@ -172,6 +223,8 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=None, help="first N requests only (quick runs)")
     ap.add_argument("--shape", default=None, choices=list(SHAPES),
                     help="run the workload's prompts on another shape (Tiny: CPU smoke runs)")
+    ap.add_argument("--tokenizer", default=None,
+                    help="W-json: an HF tokenizer folder (default: the tests' tiny tokenizer)")
     args = ap.parse_args()
     THROUGHPUT_ENGINE.update(parse_sets(args.set))
     if not torch.cuda.is_available() and THROUGHPUT_ENGINE.get("device") != "cpu":
@@ -187,6 +240,8 @@ def main() -> None:
             figures = bench_prefix(model_dir, work)
         elif args.workload == "W-pressure":
             figures = bench_pressure(model_dir, work)
+        elif args.workload == "W-json":
+            figures = bench_json(model_dir, work, args.tokenizer or write_tiny_tokenizer(Path(tmp)))
         else:
             figures = bench_plain(model_dir, work)
     write_json(args.json, dict(workload=args.workload, shape=work.shape, num_requests=len(work.prompts),

@@ -14,6 +14,7 @@ class Workload:
     prompts: list[list[int]]
     output_lens: list[int]
     shared_prefix_len: int = 0  # W-prefix: leading tokens every prompt shares
+    schemas: list[dict] | None = None  # W-json: each request's JSON schema (structured output)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -24,7 +25,27 @@ class Workload:
         return sum(self.output_lens)
 
 
-WORKLOADS = ("W-8B", "W-nano", "W-hf", "W-prefix", "W-pressure", "W-moe", "W-70B")
+WORKLOADS = ("W-8B", "W-nano", "W-hf", "W-prefix", "W-pressure", "W-moe", "W-70B", "W-json")
+# W-json's three schemas: nested objects, enums, arrays, bounded numbers, a pattern
+JSON_SCHEMAS = (
+    {"type": "object", "additionalProperties": False, "required": ["name", "age", "address"],
+     "properties": {"name": {"type": "string", "maxLength": 24},
+                    "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                    "address": {"type": "object", "additionalProperties": False,
+                                "required": ["city", "country"],
+                                "properties": {"city": {"type": "string", "maxLength": 20},
+                                               "country": {"enum": ["FR", "DE", "US", "JP"]}}}}},
+    {"type": "object", "additionalProperties": False, "required": ["sentiment", "score", "keywords"],
+     "properties": {"sentiment": {"enum": ["positive", "negative", "neutral"]},
+                    "score": {"type": "number", "minimum": 0, "maximum": 1},
+                    "keywords": {"type": "array", "minItems": 1, "maxItems": 3,
+                                 "items": {"type": "string", "maxLength": 16}}}},
+    {"type": "object", "additionalProperties": False, "required": ["items", "express"],
+     "properties": {"items": {"type": "array", "minItems": 1, "maxItems": 3, "items": {
+         "type": "object", "additionalProperties": False, "required": ["sku", "qty"],
+         "properties": {"sku": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{3}$"},
+                        "qty": {"type": "integer", "minimum": 1, "maximum": 50}}}},
+         "express": {"type": "boolean"}}})
 
 
 def _ids(rng: random.Random, n: int, vocab: int) -> list[int]:
@@ -44,10 +65,11 @@ def build_workload(name: str, seed: int = 0) -> Workload:
         in_lens = [rng.randint(100, 1024) for _ in range(256)]
         out_lens = [rng.randint(100, 1024) for _ in range(256)]
         return Workload(name, "Qwen3-0.6B", [_ids(rng, n, v) for n in in_lens], out_lens)
-    if name in ("W-hf", "W-pressure"):
+    if name in ("W-hf", "W-pressure", "W-json"):  # W-json: W-hf's prompts, one schema each
         v = SHAPES["Llama-3.2-1B"]["vocab_size"]
         prompts = [_ids(rng, rng.randint(64, 1024), v) for _ in range(512)]
-        return Workload(name, "Llama-3.2-1B", prompts, [256] * 512)
+        schemas = [JSON_SCHEMAS[i % 3] for i in range(512)] if name == "W-json" else None
+        return Workload(name, "Llama-3.2-1B", prompts, [256] * 512, schemas=schemas)
     if name == "W-prefix":
         v = SHAPES["Llama-3.2-1B"]["vocab_size"]
         prefix = _ids(rng, 2048, v)
