@@ -1,7 +1,8 @@
 """run_job: the Python entry point (the CLI is a thin layer over it).
 
 Plan and check the job, take the output folder (lock, fingerprint, resume scan), let an executor
-(jobs/executors/: local, or one process per replica) run the incomplete units, write summary.json.
+(jobs/executors/: local, one process per replica, or Ray actors) run the incomplete units, write
+summary.json.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from batchllm.jobs.errors import JobError, JobInterrupted, JobSpecError
 from batchllm.jobs.executor import RunFigures, StopSignal
 from batchllm.jobs.executors import (Executor, LocalExecutor, MultiProcessExecutor, RunContext,
                                      replica_devices)
+from batchllm.jobs.executors.ray_executor import check_ray, ray_executor
 from batchllm.jobs.finalize import finalize
 from batchllm.jobs.prepare import JobPlan, plan_job
 from batchllm.jobs.progress import NullProgress, ProgressSink
@@ -40,7 +42,9 @@ class JobResult:
 
 def validate_job(spec: "str | Path | Mapping[str, Any] | JobSpec", **overrides: Any) -> JobPlan:
     """Every job-level check (keys, model, inputs, columns) without loading the model."""
-    return plan_job(load_spec(spec, overrides))
+    spec = load_spec(spec, overrides)
+    check_ray(spec)
+    return plan_job(spec)
 
 
 def run_job(spec: "str | Path | Mapping[str, Any] | JobSpec", *, overwrite: bool = False,
@@ -54,8 +58,9 @@ def run_job(spec: "str | Path | Mapping[str, Any] | JobSpec", *, overwrite: bool
     it: `run_job("job.yaml", sampling={"max_tokens": 8}, input=my_table)` or dotted keys via
     `**{"output.path": "out/x"}`. `input` may be a pyarrow.Table or datasets.Dataset.
     """
-    plan = plan_job(load_spec(spec, overrides))
-    spec = plan.spec
+    spec = load_spec(spec, overrides)
+    check_ray(spec)  # a missing optional Ray fails before any input is read
+    plan = plan_job(spec)
     folder = Path(spec.output.path)
     executor = _executor_for(spec, engine, engine_factory)
     notices: list[str] = []
@@ -106,8 +111,11 @@ def run_job(spec: "str | Path | Mapping[str, Any] | JobSpec", *, overwrite: bool
 
 def _executor_for(spec: JobSpec, engine: EngineLike | None,
                   engine_factory: Callable[[JobSpec], EngineLike] | None) -> Executor:
-    """The local executor when engine.data_parallel_size resolves to one replica (this process's
-    engine), else one worker process per replica."""
+    """Ray actors for engine.executor: ray; else the local executor when
+    engine.data_parallel_size resolves to one replica (this process's engine), else one worker
+    process per replica."""
+    if spec.executor == "ray":
+        return ray_executor(spec, engine, engine_factory)
     if spec.data_parallel_size == 1:
         return LocalExecutor(engine, engine_factory)
     devices = replica_devices(spec)

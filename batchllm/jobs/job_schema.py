@@ -21,7 +21,8 @@ INPUT_FORMATS = ("jsonl", "parquet", "openai-batch")
 OUTPUT_FORMATS = ("arrow", "openai-batch")
 TOO_LONG_POLICIES = ("error", "truncate_left", "skip")
 DUPLICATE_IDS = ("refuse", "allow")
-JOB_ENGINE_KEYS = ("data_parallel_size", "skip_tokenizer_init")  # taken besides LLM(...)'s
+JOB_ENGINE_KEYS = ("data_parallel_size", "skip_tokenizer_init", "executor")  # besides LLM(...)'s
+EXECUTORS = ("local", "ray")
 INT_MAX = 2**63 - 1
 
 Check = Callable[[Any], str | None]  # a value -> what was expected, or None when it is fine
@@ -125,11 +126,20 @@ STRUCTURED: dict[str, Check] = {  # sampling.structured_outputs: give one of the
     "grammar": text(null=True, what="a grammar (Lark, or GBNF with ::= rules)"),
     "json_object": lambda v: None if v in (None, True, False) else "true or false",
 }
+RAY: dict[str, Check] = {  # the `ray:` section (engine.executor: ray)
+    "address": text(what="auto, local, host:port or ray://host:port"),
+    "num_cpus": lambda v: None if _is_number(v) and v >= 0 else "a number >= 0 (CPUs per replica)",
+    "resources": lambda v: None if isinstance(v, Mapping) and all(
+        isinstance(k, str) and k and _is_number(n) and n >= 0 for k, n in v.items()) else (
+        "a mapping of Ray resource names to amounts per replica, e.g. {accelerator_type:H100: 1}"),
+    "placement_timeout_s": positive_number("seconds to wait for the cluster to fit the replicas"),
+    "max_unit_retries": integer(0, 1000, "times a unit lost with its replica is retried"),
+}
 TOP: dict[str, Check] = {
     "model": text(null=True, what="an HF model folder, a .gguf file or a known short name"),
     "tokenizer": text(null=True, what="a tokenizer folder"),
 }
-SECTIONS = ("input", "output", "sampling", "engine", "limits")
+SECTIONS = ("input", "output", "sampling", "engine", "limits", "ray")
 
 
 def _annotation_check(annotation: str) -> Check:
@@ -165,6 +175,7 @@ def _engine_checks() -> dict[str, Check]:
     checks["data_parallel_size"] = lambda v: None if v == "auto" or (
         _is_int(v) and 1 <= v <= 4096) else ("an integer >= 1 (engine replicas, one per GPU) or "
                                             "'auto' (every visible GPU)")
+    checks["executor"] = choice(EXECUTORS)
     return checks
 
 
@@ -215,7 +226,7 @@ def check_job_dict(raw: Mapping[str, Any], where: str) -> None:
     engine = raw.get("engine")
     if isinstance(engine, Mapping) and ("model" in engine or "tokenizer" in engine):
         raise JobSpecError(f"{where}: put model / tokenizer at the top level, not under engine")
-    for name, checks in (("limits", LIMITS), ("engine", _engine_checks())):
+    for name, checks in (("limits", LIMITS), ("engine", _engine_checks()), ("ray", RAY)):
         if raw.get(name) is not None:
             _check_section(where, name, raw[name], checks)
     if raw.get("sampling") is not None and not isinstance(raw["sampling"], Mapping):

@@ -52,6 +52,17 @@ class OutputSpec:
 
 
 @dataclass(slots=True)
+class RaySpec:
+    """The `ray:` section: where the cluster is and what one engine replica (an actor) takes."""
+
+    address: str = "auto"  # auto (a running cluster, or RAY_ADDRESS) | local | host:port | ray://...
+    num_cpus: float = 1.0  # CPUs per replica (its torch threads on a CPU replica)
+    resources: dict[str, float] = field(default_factory=dict)  # custom resources per replica
+    placement_timeout_s: float = 300.0  # how long to wait for the cluster to fit every replica
+    max_unit_retries: int = 3  # a unit lost with its replica more often than this fails the job
+
+
+@dataclass(slots=True)
 class LimitsSpec:
     prompt_too_long: str = "error"  # error | truncate_left | skip
 
@@ -69,6 +80,8 @@ class JobSpec:
     # engine.data_parallel_size: engine replicas (one per GPU), an int >= 1 or "auto". A job-level
     # setting, kept out of `engine` (the LLM does not take it) and out of the fingerprint.
     data_parallel_size: int | str = 1
+    executor: str = "local"  # engine.executor: local (this machine) | ray (actors on a cluster)
+    ray: RaySpec = field(default_factory=RaySpec)
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(**self.sampling)
@@ -91,7 +104,8 @@ def spec_from_dict(raw: Mapping[str, Any], source: str | None = None) -> JobSpec
                    limits=LimitsSpec(**(raw.get("limits") or {})), source=source,
                    model=raw.get("model") or DEFAULT_MODEL, tokenizer=raw.get("tokenizer"),
                    sampling=dict(raw.get("sampling") or {}), engine=engine,
-                   data_parallel_size=engine.pop("data_parallel_size", 1))
+                   data_parallel_size=engine.pop("data_parallel_size", 1),
+                   executor=engine.pop("executor", "local"), ray=RaySpec(**(raw.get("ray") or {})))
     validate_spec(spec)
     return spec
 
@@ -116,6 +130,10 @@ def validate_spec(spec: JobSpec) -> None:
         spec.sampling_params()
     except SamplingParamsError as e:
         raise JobSpecError(f"{where}: sampling.{e}") from None
+    if spec.executor == "ray" and ":" in str(spec.engine.get("device", "auto")):
+        raise JobSpecError(f"{where}: engine.device={spec.engine['device']!r} pins a GPU; with "
+                           "engine.executor: ray each replica gets its GPUs from Ray: use device: "
+                           "auto (or cuda, or cpu)")
     if "model" in spec.engine or "tokenizer" in spec.engine:
         raise JobSpecError(f"{where}: put model / tokenizer at the top level, not under engine")
     try:
@@ -207,5 +225,8 @@ def spec_to_dict(spec: JobSpec) -> dict[str, Any]:
     engine = dict(spec.engine)
     if spec.data_parallel_size != 1:
         engine["data_parallel_size"] = spec.data_parallel_size
+    if spec.executor != "local":
+        engine["executor"] = spec.executor
     return {"model": spec.model, "tokenizer": spec.tokenizer, "input": inp, "output": sec(spec.output),
-            "sampling": dict(spec.sampling), "engine": engine, "limits": sec(spec.limits)}
+            "sampling": dict(spec.sampling), "engine": engine, "limits": sec(spec.limits),
+            **({"ray": sec(spec.ray)} if spec.ray != RaySpec() else {})}

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import pyarrow as pa
 
@@ -76,7 +76,7 @@ class _UnitFeed:
     """JobExecutor's unit_source in a worker: asks the driver for the next unit. The first ask of
     a run waits for one; later asks (rows still in flight) take NoUnit for an answer."""
 
-    def __init__(self, link: _Link, committed: Committed) -> None:
+    def __init__(self, link: ReplicaLink, committed: Committed) -> None:
         self.link, self.committed = link, committed
         self.first = True
         self.closed = False  # the driver said Stop (or is gone)
@@ -102,12 +102,30 @@ def _add(total: RunFigures, part: RunFigures, stats: dict[str, Any]) -> RunFigur
                       total.elapsed_s + part.elapsed_s, dict(stats))
 
 
+class ReplicaLink(Protocol):
+    """A replica's end of its channel to the driver: a pipe here, actor queues under Ray."""
+
+    def send(self, msg: ToDriver) -> None: ...
+
+    def ask(self, block: bool) -> ToReplica: ...
+
+    def stop_requested(self) -> int: ...
+
+
 def worker_main(setup: WorkerSetup, conn: Connection, signum: Any) -> None:
     """A worker process: build the engine, run units until told to stop, report how it ended."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the driver, which tells us
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG is reported by the writer instead
-    link = _Link(conn, signum)
+    try:
+        serve_replica(setup, _Link(conn, signum))
+    finally:
+        conn.close()
+
+
+def serve_replica(setup: WorkerSetup, link: ReplicaLink) -> None:
+    """One replica's life over `link`: build the engine, run the units the driver hands out,
+    report how it ended (the last message is Finished, Stopped or Failed)."""
     total, ex = RunFigures(), None
     engine: EngineLike | None = None
 
@@ -163,4 +181,3 @@ def worker_main(setup: WorkerSetup, conn: Connection, signum: Any) -> None:
                 engine.shutdown()  # its tensor-parallel ranks, if any
             except Exception:  # noqa: BLE001 - a broken group is already reported
                 pass
-        conn.close()
