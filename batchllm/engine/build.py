@@ -121,7 +121,8 @@ def build_rank(config: EngineConfig, device: torch.device, backend: str, eos_id:
                             config.cascade_min_tokens, config.cascade_min_reqs)
     sampler = Sampler(device, hf_config.vocab_size) if get_tp_rank() == 0 else None
     runner = ModelRunner(model, kv, sampler, cache.block_size, device, eos_id, cascade)
-    if device.type == "cuda" and backend == "triton" and not config.enforce_eager:
+    if (device.type == "cuda" and backend == "triton" and not config.enforce_eager
+            and getattr(model, "supports_cuda_graphs", True)):  # the transformers fallback may not
         runner.capture_decode_graphs(min(sched.max_num_seqs, MAX_GRAPH_BATCH), model_len)
     return RankParts(model, hf_config, model_len, kv, runner)
 

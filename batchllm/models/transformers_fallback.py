@@ -33,6 +33,12 @@ STEP_KWARG = "batchllm_step"
 # keyword arguments of transformers' attention calls that change the result and that the paged
 # kernels do not apply (Gemma 2's logit cap, gpt-oss's sinks, T5-style position bias)
 _UNSERVED = ("softcap", "s_aux", "sinks", "position_bias", "block_indices")
+# model types whose transformers code replays in CUDA graphs with the fallback's attention, seen on
+# an H200 (tests/gpu/test_fallback_gpu.py); other models run their decode steps eagerly, since a
+# host sync inside transformers' code (an expert loop, a data-dependent branch) breaks a capture
+GRAPH_SAFE_MODEL_TYPES = frozenset({"llama", "phi3", "olmo2", "granite", "gemma2"})
+# rotary kinds that pick their frequencies from the batch's largest position on the host
+_DYNAMIC_ROPE = {"dynamic", "longrope"}
 
 
 class FallbackAttentionError(UnsupportedModelError):
@@ -100,6 +106,19 @@ def register_attention() -> None:
     AttentionInterface.register(ATTN_NAME, paged_attention_forward)
 
 
+def _rope_types(cfg) -> set[str]:
+    """Every rotary kind a config names (transformers 5.x rope_parameters, also per layer type,
+    or the older rope_scaling)."""
+    found = set()
+    for params in (getattr(cfg, "rope_parameters", None), getattr(cfg, "rope_scaling", None)):
+        if not isinstance(params, dict):
+            continue
+        nested = [v for v in params.values() if isinstance(v, dict)]
+        for p in nested or [params]:
+            found.add(p.get("rope_type") or p.get("type") or "default")
+    return found
+
+
 class _GivenHidden(nn.Module):
     """Stands in for the decoder when only the LM head runs: returns the hidden states it is given."""
 
@@ -157,6 +176,9 @@ class TransformersForCausalLM(nn.Module):
         object.__setattr__(self, "decoder", decoder)
         object.__setattr__(self, "_head", head)
         self.layer_of, self.family = self._probe(torch.device(device))
+        # read by engine/build.py: capture decode steps in CUDA graphs only where that is known safe
+        self.supports_cuda_graphs = (self.config.model_type in GRAPH_SAFE_MODEL_TYPES
+                                     and not _rope_types(self.config) & _DYNAMIC_ROPE)
 
     @torch.inference_mode()
     def _probe(self, device: torch.device) -> tuple[dict[nn.Module, int], SimpleNamespace]:

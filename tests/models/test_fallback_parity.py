@@ -132,3 +132,18 @@ def test_a_tensor_with_no_place_or_missing_is_named(tiny_model_factory, tmp_path
     with pytest.raises(ModelLoadError, match=r"'model\.layers\.0\.mlp\.w3\.weight' has no place "
                                              r"in transformers' Olmo2ForCausalLM"):
         load_model(ModelConfig(model=str(tmp_path / "extra")), CPU)
+
+
+def test_cuda_graphs_only_where_transformers_code_is_known_to_capture(tiny_model_factory):
+    """Decode graphs (engine/build.py) capture the fallback only for model types seen to replay
+    on a GPU, and never with a rotary that picks its frequencies from the batch on the host."""
+    from tests.tiny_models import tiny_config
+
+    def graphs(cfg) -> bool:
+        return TransformersForCausalLM(cfg, torch.float32, CPU).supports_cuda_graphs
+
+    assert graphs(tiny_config("phi3")) and graphs(tiny_config("gemma2"))
+    assert not graphs(tiny_config("qwen3"))  # runs, but not seen in a graph
+    longrope = dict(type="longrope", short_factor=[1.0] * 8, long_factor=[2.0] * 8)
+    assert not graphs(tiny_config("phi3", rope_scaling=longrope, original_max_position_embeddings=256))
+    assert not graphs(tiny_config("llama", rope_scaling=dict(rope_type="dynamic", factor=2.0)))
