@@ -103,12 +103,17 @@ class ModelConfig:
     trust_remote_code: bool = False
     allow_pickle: bool = False  # .bin / .pt weights are refused unless this is set
     load_format: str = "auto"  # auto | safetensors | gguf | dummy
+    # "fp8": W8A8, the decoder's linear layers hold float8 e4m3 weights with one scale per output
+    # row (quantized as they load), activations are quantized per token as they run. None: as
+    # the checkpoint is (an FP8 checkpoint runs in FP8, any other unquantized).
+    quantization: str | None = None
     # auto: batchllm's own implementation when the architecture has one, else transformers'
     # modeling code with batchllm's paged KV cache and attention; native | transformers: force one
     model_impl: str = "auto"
 
     def __post_init__(self) -> None:
         _check(self.dtype in DTYPES, "dtype", self.dtype, " | ".join(DTYPES))
+        _check(self.quantization in QUANTIZATIONS, "quantization", self.quantization, "null or fp8")
         _check(self.max_model_len is None or self.max_model_len > 0, "max_model_len",
                self.max_model_len, "a positive integer")
         _check(self.load_format in ("auto", "safetensors", "gguf", "dummy", "pt"), "load_format",

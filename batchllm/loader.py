@@ -17,7 +17,7 @@ from batchllm import hub
 from batchllm.config import ModelConfig
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", ".weight_scale")
 
 
 class ModelLoadError(RuntimeError):
@@ -48,12 +48,19 @@ def load_model(model_config: ModelConfig, device: torch.device) -> tuple[nn.Modu
                         trust_remote_code=model_config.trust_remote_code)
     if fmt == "dummy":
         init_dummy_weights(model, model_config.seed)
+        plan = _fp8_plan(model, model_config, hf_config, path, listed=False)
+        if plan is not None:
+            plan.create(from_existing=True)
     else:
         if hf_model is not None:
             weights: WeightIter = iter(hf_model.state_dict().items())
             source = str(gguf)
         else:
             weights, source = checkpoint_weights(path, fmt, model_config.allow_pickle)
+        plan = _fp8_plan(model, model_config, hf_config, path, listed=hf_model is None)
+        if plan is not None:
+            plan.create(from_existing=False)
+            weights = plan.stream(weights, device)
         try:
             loaded = model.load_weights(weights)
         except (KeyError, ValueError) as exc:  # a tensor with no place or the wrong shape
@@ -61,8 +68,47 @@ def load_model(model_config: ModelConfig, device: torch.device) -> tuple[nn.Modu
                                  f"built from its config: {exc}") from exc
         check_all_loaded(model, loaded, source)
         del hf_model
+    if plan is not None:
+        try:
+            plan.finish(device)
+        except ValueError as exc:
+            raise ModelLoadError(f"the checkpoint {path}: {exc}") from exc
     # the config the model runs by: a multimodal config's text part (Gemma3ForConditionalGeneration)
     return model.eval(), getattr(model, "config", hf_config)
+
+
+def _fp8_plan(model: nn.Module, model_config: ModelConfig, hf_config, path: Path, listed: bool):
+    """The model's FP8 plan (layers/quantization), or None when it runs unquantized; `listed`:
+    read the checkpoint's tensor names (which projections an FP8 checkpoint stores in FP8)."""
+    from batchllm.layers.quantization import UnsupportedQuantization, plan_fp8
+    from batchllm.models.llama import FUSED_NAMES
+
+    names = None
+    if listed and getattr(hf_config, "quantization_config", None) is not None:
+        files = [path] if path.is_file() else _safetensors_files(path)
+        if not files or any(f.suffix != ".safetensors" for f in files):
+            raise ModelLoadError(f"{path} is a quantized checkpoint; batchllm reads those from "
+                                 f"*.safetensors files only")
+        names = _tensor_names(files)
+    try:
+        return plan_fp8(model, model_config.quantization, hf_config, names, FUSED_NAMES)
+    except UnsupportedQuantization as exc:
+        raise ModelLoadError(f"{path}: {exc}") from exc
+
+
+def _tensor_names(files: list[Path]) -> list[str]:
+    """Every tensor name in safetensors files (headers only)."""
+    from safetensors import safe_open
+
+    names: list[str] = []
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                names.extend(f.keys())
+        except Exception as exc:  # SafetensorError: a damaged header
+            raise ModelLoadError(f"cannot read {file}: {exc}; the file is damaged or incomplete, "
+                                 "download or copy the model again") from exc
+    return names
 
 
 def load_hf_config(path: Path, trust_remote_code: bool = False):
@@ -219,7 +265,7 @@ def check_all_loaded(model: nn.Module, loaded: set[str], source: str) -> None:
             covered[base] = [(0, -1)]
     missing = []
     for name, param in model.named_parameters():
-        if name.endswith(_IGNORED_SUFFIXES):
+        if name.endswith(_IGNORED_SUFFIXES):  # FP8 layers check their own scales (Fp8Plan.finish)
             continue
         ranges = covered.get(name)
         if ranges is None:

@@ -5,6 +5,12 @@ shard_id=None)` that checks the full checkpoint tensor's shape, copies exactly t
 rank owns and returns the rows of `param` it filled (None: all of them). With a tensor parallel
 size of 1 (today's engine) every layer is a plain `F.linear` over the whole weight.
 
+A layer may hold its weight quantized: `set_quant_method(method)` (layers/quantization, e.g.
+FP8 with a float32 scale per output row) replaces the weight and adds the method's parameters;
+the slicing below stays the same (a per-row scale is sliced like the bias), every copy of
+weight rows goes through the method (which may quantize a bf16 slice as it lands), and the
+forward pass calls `method.apply`.
+
     column parallel:  W [out, in] split by rows    -> rank r computes out/N features of y
     row parallel:     W [out, in] split by columns -> rank r computes a partial y; all-reduce sums
 """
@@ -15,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from batchllm.distributed.parallel_state import tensor_model_parallel_all_reduce
-from batchllm.layers.weight_loading import (FilledRows, check_shape, copy_into, divide,
+from batchllm.layers.weight_loading import (FilledRows, check_shape, copy_into, divide, materialize,
                                             replicated_weight_loader, tp_rank_and_size)
 
 
@@ -31,9 +37,45 @@ class LinearBase(nn.Module):
             self.bias = nn.Parameter(torch.empty(output_size))
         else:
             self.register_parameter("bias", None)
+        self.quant_method = None  # e.g. layers.quantization.fp8.Fp8LinearMethod
+
+    def set_quant_method(self, method, from_existing: bool = False) -> None:
+        """Hold the weight as `method` does: quantized from the weight held now (`from_existing`)
+        or empty, for a checkpoint to fill through this layer's weight_loader."""
+        self.quant_method = method
+        method.create_weights(self, from_existing)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self._matmul(x, self.bias)
+
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.quant_method is None:
+            return F.linear(x, self.weight, bias)
+        return self.quant_method.apply(self, x, bias)
+
+    def _copy_rows(self, param: nn.Parameter, dst_start: int, src: torch.Tensor) -> None:
+        """Copy a checkpoint slice into rows [dst_start, dst_start + len(src)) of `param`; rows of
+        a quantized weight go through the layer's method."""
+        if param is self.weight and self.quant_method is not None:
+            self.quant_method.load_weight_rows(self, dst_start, materialize(src))
+            return
+        if getattr(src, "dtype", None) == torch.float8_e4m3fn and param.dtype != src.dtype:
+            raise ValueError("holds float8 values, but its layer is not quantized (the checkpoint "
+                             "has no weight_scale for it)")
+        copy_into(param.data.narrow(0, dst_start, src.shape[0]), src)
+
+    def part_rows(self, shard_id: object = None) -> int:
+        """Rows of the whole checkpoint tensor of part `shard_id` (how far a per-tensor scale
+        of that part reaches)."""
+        return self.weight.shape[0]
+
+    def checkpoint_tensor(self, param_name: str, tensor: torch.Tensor,
+                          shard_id: object = None) -> torch.Tensor:
+        """A checkpoint tensor as this layer's weight_loader takes it (a quantized layer's
+        weight_scale: float32, one value per row of its part)."""
+        if self.quant_method is None or param_name != "weight_scale":
+            return tensor
+        return self.quant_method.scale_tensor(self, materialize(tensor), self.part_rows(shard_id))
 
 
 class ReplicatedLinear(LinearBase):
@@ -45,7 +87,13 @@ class ReplicatedLinear(LinearBase):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
                       shard_id: object = None) -> FilledRows:
-        return replicated_weight_loader(param, loaded, shard_id)
+        if param.dim() == 1:
+            return replicated_weight_loader(param, loaded, shard_id)
+        if shard_id is not None:
+            raise ValueError(f"is a whole tensor, but was given as part {shard_id!r} of a fused one")
+        check_shape(loaded, tuple(param.shape))
+        self._copy_rows(param, 0, loaded)
+        return None
 
 
 class ColumnParallelLinear(LinearBase):
@@ -60,8 +108,11 @@ class ColumnParallelLinear(LinearBase):
     def _load_rows(self, param: nn.Parameter, loaded: torch.Tensor, dst_start: int, src_start: int,
                    rows: int) -> FilledRows:
         """Copy rows [src_start, src_start + rows) of `loaded` to rows [dst_start, ...) of `param`."""
-        copy_into(param.data.narrow(0, dst_start, rows), loaded.narrow(0, src_start, rows))
+        self._copy_rows(param, dst_start, loaded.narrow(0, src_start, rows))
         return (dst_start, dst_start + rows)
+
+    def part_rows(self, shard_id: object = None) -> int:
+        return self.output_size
 
     def _full_shape(self, param: nn.Parameter, out_rows: int) -> tuple[int, ...]:
         return (out_rows, self.input_size) if param.dim() == 2 else (out_rows,)
@@ -103,6 +154,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         rows = self.output_sizes[shard_id] // self.tp_size
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         return self._load_rows(param, loaded, offset, self.tp_rank * rows, rows)
+
+    def part_rows(self, shard_id: object = None) -> int:
+        return self.output_size if shard_id is None else self.output_sizes[shard_id]
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -153,6 +207,11 @@ class QKVParallelLinear(ColumnParallelLinear):
         kv_rank = self.tp_rank // self.kv_replicas
         return self._load_rows(param, loaded, offset, kv_rank * self.kv_size, self.kv_size)
 
+    def part_rows(self, shard_id: object = None) -> int:
+        if shard_id in ("k", "v"):
+            return self.total_num_kv_heads * self.head_dim
+        return self.total_num_heads * self.head_dim if shard_id == "q" else self.output_size
+
 
 class RowParallelLinear(LinearBase):
     """Input features split across ranks: rank r holds columns [r * in/N, (r + 1) * in/N) of W,
@@ -176,11 +235,14 @@ class RowParallelLinear(LinearBase):
             raise ValueError(f"is a whole tensor, but was given as part {shard_id!r} of a fused one")
         check_shape(loaded, (self.output_size, self.input_size))
         cols = param.shape[1]
-        copy_into(param.data, loaded.narrow(1, self.tp_rank * cols, cols))
+        self._copy_rows(param, 0, loaded.narrow(1, self.tp_rank * cols, cols))
         return None
+
+    def part_rows(self, shard_id: object = None) -> int:
+        return self.output_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+            return self._matmul(x, self.bias)
+        y = self._matmul(x, self.bias if self.tp_rank == 0 else None)
         return tensor_model_parallel_all_reduce(y) if self.reduce_results else y

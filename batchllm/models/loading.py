@@ -41,7 +41,10 @@ def load_checkpoint_weights(model: nn.Module, weights: Iterable[tuple[str, torch
             raise KeyError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
         owner = model.get_submodule(target.rpartition(".")[0])
         loader = getattr(owner, "weight_loader", replicated_weight_loader)
+        convert = getattr(owner, "checkpoint_tensor", None)  # e.g. an FP8 layer's per-tensor scale
         try:
+            if convert is not None:
+                tensor = convert(target.rpartition(".")[2], tensor, shard_id)
             rows = loader(params[target], tensor, shard_id)
         except ValueError as exc:
             raise ValueError(f"checkpoint tensor {name!r} {exc}") from exc
