@@ -120,13 +120,14 @@ def validate(job: Path = typer.Argument(..., help="job.yaml"),
 @app.command()
 def inspect(out: Path = typer.Argument(..., help="an output folder"),
             rows: int = typer.Option(5, min=0, help="how many rows to show")) -> None:
-    """Print a job's summary and a few output rows."""
+    """Print a job's live figures (while it runs), its summary and a few output rows."""
     import pyarrow as pa
     from rich.console import Console
     from rich.table import Table
 
     from batchllm.io.writers import read_arrow
     from batchllm.jobs.checkpoint import CHUNKS, read_job_record
+    from batchllm.jobs.monitor import live_view
     from batchllm.jobs.summary import read_summary
 
     try:
@@ -134,6 +135,14 @@ def inspect(out: Path = typer.Argument(..., help="an output folder"),
     except JobError as e:
         _fail(e)
     console = Console()
+    view = live_view(out)  # written by the running job every few seconds
+    if view is not None:
+        live = Table(title=view[0])
+        live.add_column("figure")
+        live.add_column("value", justify="right")
+        for k, v in view[1]:
+            live.add_row(k, v)
+        console.print(live)
     summary = read_summary(out)
     t = Table(title=f"summary of {out}")
     t.add_column("figure")
@@ -159,6 +168,24 @@ def inspect(out: Path = typer.Argument(..., help="an output folder"),
     for row in table.select(cols).to_pylist():
         r.add_row(*("" if row[c] is None else str(row[c]) for c in cols))
     console.print(r)
+
+
+@app.command()
+def report(out: Path = typer.Argument(..., help="an output folder", metavar="OUT")) -> None:
+    """Write OUT/report.html again: the job's figures and plots (needs matplotlib)."""
+    from batchllm.io.writers import WriteFailed
+    from batchllm.jobs.checkpoint import read_job_record
+    from batchllm.jobs.report import ReportUnavailable, write_report
+
+    try:
+        read_job_record(out)
+    except JobError as e:
+        _fail(e)
+    try:
+        typer.echo(f"wrote {write_report(out)}")
+    except (ReportUnavailable, WriteFailed) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
 
 
 @app.command("finalize")

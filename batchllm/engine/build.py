@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 
@@ -11,6 +12,9 @@ from batchllm.runner.cascade import CascadePolicy
 from batchllm.runner.kv_cache import KVCache
 from batchllm.runner.memory import bytes_per_block, num_device_blocks
 from batchllm.runner.model_runner import ModelRunner
+
+# `on_phase(text)`, if given, hears each loading phase as it starts (the job runner shows them).
+PhaseCallback = Callable[[str], None]
 
 # Decode batches up to this size replay CUDA graphs (larger ones run eagerly); one graph per
 # captured size (runner/cuda_graphs.capture_sizes), two where shared-prefix attention is on.
@@ -89,7 +93,7 @@ class RankParts:
 
 
 def build_rank(config: EngineConfig, device: torch.device, backend: str, eos_id: int | None,
-               agree=None) -> RankParts:
+               agree=None, on_phase: PhaseCallback | None = None) -> RankParts:
     """Load this rank's model shard and size and allocate its KV cache; `agree(n)` gives the
     block count every rank can hold (the minimum over ranks) under tensor parallelism."""
     from batchllm.distributed.parallel_state import get_tp_rank, get_tp_size
@@ -97,7 +101,10 @@ def build_rank(config: EngineConfig, device: torch.device, backend: str, eos_id:
     from batchllm.loader import load_model
     from batchllm.runner.sampler import Sampler
 
+    phase = on_phase or (lambda text: None)
+    phase(f"loading weights of {config.model.model} on {device}")
     model, hf_config = load_model(config.model, device)
+    phase("sizing the KV cache")
     model.use_kernels(get_kernels(backend))
     model_len = max_model_len(config, hf_config)
     sched, f, cache = config.scheduler, model.family, config.cache
@@ -115,6 +122,8 @@ def build_rank(config: EngineConfig, device: torch.device, backend: str, eos_id:
         raise ConfigError(f"no room for a KV cache on {device} ({num_blocks} blocks of "
                           f"{block_bytes} bytes); raise gpu_memory_utilization or use a smaller model")
     num_cpu_blocks = int(cache.swap_space * (1 << 30)) // block_bytes
+    phase(f"allocating the KV cache: {num_blocks} blocks of {cache.block_size} tokens "
+          f"({num_blocks * block_bytes / (1 << 30):.2f} GiB)")
     kv = KVCache(hf_config.num_hidden_layers, num_blocks, num_cpu_blocks, cache.block_size,
                  kv_heads, f.head_dim, dtype, device)
     cascade = CascadePolicy(config.cascade_attention and backend == "triton", cache.block_size,
@@ -123,6 +132,8 @@ def build_rank(config: EngineConfig, device: torch.device, backend: str, eos_id:
     runner = ModelRunner(model, kv, sampler, cache.block_size, device, eos_id, cascade)
     if (device.type == "cuda" and backend == "triton" and not config.enforce_eager
             and getattr(model, "supports_cuda_graphs", True)):  # the transformers fallback may not
+        phase(f"capturing CUDA graphs for decode batches up to "
+              f"{min(sched.max_num_seqs, MAX_GRAPH_BATCH)}")
         runner.capture_decode_graphs(min(sched.max_num_seqs, MAX_GRAPH_BATCH), model_len)
     return RankParts(model, hf_config, model_len, kv, runner)
 
@@ -158,10 +169,13 @@ class EngineParts:
     tp_group: object | None = None  # distributed.group.TensorParallelGroup under tensor parallelism
 
 
-def build_engine_parts(config: EngineConfig, skip_tokenizer_init: bool = False) -> EngineParts:
+def build_engine_parts(config: EngineConfig, skip_tokenizer_init: bool = False,
+                       on_phase: PhaseCallback | None = None) -> EngineParts:
     device = resolve_device(config.device)
     tokenizer = None
     if not skip_tokenizer_init:
+        if on_phase is not None:
+            on_phase("loading the tokenizer")
         from batchllm.hub import resolve_model
         from batchllm.tokenizer import Tokenizer
 
@@ -183,7 +197,8 @@ def build_engine_parts(config: EngineConfig, skip_tokenizer_init: bool = False) 
         config = with_device_defaults(config, device)
         eos = tokenizer.eos_token_id if tokenizer else None
         eos_ids = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
-        rank = build_rank(config, device, backend, eos_ids[0] if eos_ids else None, agree)
+        rank = build_rank(config, device, backend, eos_ids[0] if eos_ids else None, agree,
+                          on_phase)
         if tokenizer is None:
             eos = getattr(rank.hf_config, "eos_token_id", None)
             eos_ids = eos if isinstance(eos, list) else ([eos] if eos is not None else [])

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from batchllm.config import EngineConfig
 from batchllm.core.outputs import RequestOutput
 from batchllm.core.request import Request, RequestStatus
-from batchllm.engine.build import build_engine_parts
+from batchllm.engine.build import PhaseCallback, build_engine_parts
 from batchllm.engine.output_processor import OutputProcessor
 from batchllm.sampling_params import SamplingParams
 
@@ -15,8 +15,10 @@ from batchllm.sampling_params import SamplingParams
 class LLMEngine:
     """One model on one device: requests in, finished RequestOutputs out, one step at a time."""
 
-    def __init__(self, config: EngineConfig, skip_tokenizer_init: bool = False):
-        parts = build_engine_parts(config, skip_tokenizer_init)
+    def __init__(self, config: EngineConfig, skip_tokenizer_init: bool = False,
+                 on_phase: PhaseCallback | None = None):
+        """`on_phase(text)`: told of each loading phase (weights, KV cache, CUDA graphs)."""
+        parts = build_engine_parts(config, skip_tokenizer_init, on_phase)
         self.config, self.device, self.backend = parts.config, parts.device, parts.backend
         self.tokenizer, self.model, self.hf_config = parts.tokenizer, parts.model, parts.hf_config
         self.kv_cache, self.runner, self.scheduler = parts.kv_cache, parts.runner, parts.scheduler
@@ -32,6 +34,7 @@ class LLMEngine:
         self._inflight = None  # (plan, handle) launched, its results not yet applied
         self._ready: list[RequestOutput] = []
         self._num_prompt_tokens = 0
+        self._num_unshared = 0  # requests kept off the prefix cache (prompt_logprobs)
 
     # ------------------------------------------------------------------ requests in
     def add_request(self, request_id: str, prompt: str | Sequence[int],
@@ -44,6 +47,9 @@ class LLMEngine:
         arrival = arrival_time if arrival_time is not None else time.time()
         text = prompt if isinstance(prompt, str) else None
         ids, error = self._prompt_ids(prompt)
+        if not error and (params.truncate_prompt_tokens is not None or params.prompt_logprobs
+                          is not None or params.needs_logits_processing):
+            ids, params, error = self._vllm_settings(ids, params)
         if self.extra_eos_ids and not params.ignore_eos:
             params = params.with_overrides(
                 stop_token_ids=list(params.stop_token_ids) + self.extra_eos_ids)
@@ -83,6 +89,38 @@ class LLMEngine:
         if bad:
             return ids, f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
         return ids, None
+
+    def _vllm_settings(self, ids: list[int], params: SamplingParams
+                       ) -> tuple[list[int], SamplingParams, str | None]:
+        """truncate_prompt_tokens, prompt_logprobs, bad_words, logit_bias / allowed_token_ids:
+        (prompt ids, params for the scheduler and sampler, why the request cannot run)."""
+        keep = params.truncate_prompt_tokens
+        if keep is not None:
+            ids = ids[-(self.max_model_len if keep == -1 else keep):]
+        overrides: dict = {}
+        if params.prompt_logprobs is not None:
+            # every prompt position must be computed, so the request's blocks match no cached
+            # ones (vLLM skips the prefix cache for it too); its own recompute still hits them
+            self._num_unshared += 1
+            overrides["extra_keys"] = tuple(params.extra_keys) + (("prompt_logprobs",
+                                                                   self._num_unshared),)
+        for name, given in (("logit_bias", list(params.logit_bias or {})),
+                            ("allowed_token_ids", params.allowed_token_ids or [])):
+            bad = [t for t in given if not 0 <= t < self.vocab_size]
+            if bad:
+                return ids, params, (f"{name}: token id {bad[0]} is outside the vocabulary "
+                                     f"[0, {self.vocab_size})")
+        if params.bad_words:
+            if self.tokenizer is None:
+                return ids, params, ("bad_words needs the tokenizer; this engine was built with "
+                                     "skip_tokenizer_init=True")
+            from batchllm.tokenizer import TokenizerError
+
+            try:
+                overrides["_bad_words_token_ids"] = self.tokenizer.bad_words_token_ids(params.bad_words)
+            except TokenizerError as e:
+                return ids, params, str(e)
+        return ids, params.with_overrides(**overrides) if overrides else params, None
 
     def _constrain(self, requests: list[Request], params: SamplingParams) -> str | None:
         """Give each sample its grammar matcher; why it cannot be constrained, or None."""

@@ -18,6 +18,7 @@ from batchllm.jobs.executors import (Executor, LocalExecutor, MultiProcessExecut
                                      replica_devices)
 from batchllm.jobs.executors.ray_executor import check_ray, ray_executor
 from batchllm.jobs.finalize import finalize
+from batchllm.jobs.monitor import JobMonitor
 from batchllm.jobs.prepare import JobPlan, plan_job
 from batchllm.jobs.progress import NullProgress, ProgressSink
 from batchllm.jobs.spec import JobSpec, load_spec
@@ -83,11 +84,14 @@ def run_job(spec: "str | Path | Mapping[str, Any] | JobSpec", *, overwrite: bool
             notice(f"corrupt chunk set aside, its rows will be redone: {c}")
         rows_before = committed.rows_done(plan.units)
         previous = read_summary(folder) if resumed else None
+        monitor = JobMonitor.for_job(folder, progress or NullProgress(), plan, rows_before,
+                                     previous, resumed)  # banner, live.json, metrics.jsonl
+        monitor.start()
         status = "failed"
         try:
             if rows_before < plan.rows_total:
                 executor.run(plan, committed, RunContext(
-                    folder, stop or StopSignal(), progress or NullProgress(), rows_before, notice))
+                    folder, stop or StopSignal(), monitor, rows_before, notice))
             status = "complete"
         except JobInterrupted:
             status = "interrupted"
@@ -105,6 +109,7 @@ def run_job(spec: "str | Path | Mapping[str, Any] | JobSpec", *, overwrite: bool
                 write_summary(folder, summary)
             except OSError:
                 pass  # the chunks are the truth; a missing summary is rebuilt next run
+            monitor.finish(summary, notice)  # the last live.json, report.html
         files = finalize(folder) if finalize_outputs or spec.output.format == "openai-batch" else []
     return JobResult(folder, summary, files, resumed)
 

@@ -1,4 +1,5 @@
-"""summary.json: totals over the committed chunks (the truth) plus the last run's speed figures."""
+"""summary.json: totals over the committed chunks (the truth) plus the speed figures of the last
+run that did work (a rerun with nothing left to do keeps them)."""
 from __future__ import annotations
 
 import json
@@ -54,19 +55,30 @@ def combine_figures(parts: list[RunFigures], elapsed_s: float) -> RunFigures:
 
 def build_summary(folder: Path, rows_total: int, run: RunFigures, previous: dict[str, Any] | None,
                   status: str, workers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """`workers`: one record per data-parallel replica (added as `data_parallel`), if any."""
+    """`workers`: one record per data-parallel replica (added as `data_parallel`), if any. A run
+    that finished no row (a rerun of a finished job, a stop before the first row) keeps the
+    previous summary's speed figures: they describe the last run that did work."""
     totals = committed_totals(folder)
+    prev_elapsed = float((previous or {}).get("elapsed_s_all_runs", 0.0))
+    runs = int((previous or {}).get("runs", 0))
+    kept = ("elapsed_s", "this_run", "throughput", "prefix_cache_hit_rate", "preemptions",
+            "data_parallel")
+    if run.rows == 0 and previous is not None and "throughput" in previous:
+        return {"status": status, "rows_total": rows_total, **totals,
+                "elapsed_s_all_runs": round(prev_elapsed + run.elapsed_s, 3), "runs": runs,
+                **{k: previous[k] for k in kept if k in previous},
+                "figures_from_run": previous.get("figures_from_run", runs)}
     stats = run.engine_stats
     queries = stats.get("prefix_cache_queries") or 0
     elapsed = max(run.elapsed_s, 1e-9)
-    prev_elapsed = float((previous or {}).get("elapsed_s_all_runs", 0.0))
     return {
         "status": status,  # complete | interrupted | failed
         "rows_total": rows_total,
         **totals,
         "elapsed_s": round(run.elapsed_s, 3),
         "elapsed_s_all_runs": round(prev_elapsed + run.elapsed_s, 3),
-        "runs": int((previous or {}).get("runs", 0)) + 1,
+        "runs": runs + 1,
+        "figures_from_run": runs + 1,  # the run elapsed_s, this_run and throughput describe
         "this_run": {"rows": run.rows, "errors": run.errors, "prompt_tokens": run.prompt_tokens,
                      "output_tokens": run.output_tokens},
         "throughput": {"rows_per_s": round(run.rows / elapsed, 3),

@@ -9,7 +9,7 @@ from batchllm.jobs.executor import JobExecutor
 from batchllm.jobs.executors.base import Executor, RunContext, RunReport
 from batchllm.jobs.prepare import JobPlan
 from batchllm.jobs.preprocess import Preprocessor
-from batchllm.jobs.progress import progress_callback
+from batchllm.jobs.progress import event_hook, progress_callback
 from batchllm.jobs.spec import JobSpec
 
 
@@ -26,7 +26,8 @@ class LocalExecutor(Executor):
         spec = plan.spec
         built = self.engine is None
         if built:
-            self.engine = (self.engine_factory or build_engine)(spec)
+            self.engine = (self.engine_factory(spec) if self.engine_factory is not None else
+                           build_engine(spec, on_phase=event_hook(ctx.progress)))  # loading lines
         engine = self.engine
         prep = Preprocessor.for_job(spec, plan.shards, engine.tokenizer, engine.max_model_len)
         self._loop = JobExecutor(
