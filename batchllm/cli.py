@@ -14,6 +14,23 @@ from batchllm.jobs.errors import JobError, JobInterrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Offline batch inference for LLMs: resumable jobs over Parquet / JSONL.")
+JOB_ARG = "JOB.yaml"
+SET_METAVAR = "KEY=VALUE"  # not typer's <list[str]>
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from batchllm import __version__
+
+        typer.echo(f"batchllm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_print_version,
+                                          is_eager=True, metavar="",
+                                          help="print the version and exit")) -> None:
+    """Offline batch inference for LLMs: resumable jobs over Parquet / JSONL."""
 
 
 def _fail(e: JobError, resume_command: str | None = None) -> None:
@@ -65,12 +82,15 @@ class _SignalStop:
 
 
 @app.command()
-def run(job: Path = typer.Argument(..., help="job.yaml"),
-        resume: bool = typer.Option(True, "--resume/--overwrite",
+def run(job: Path = typer.Argument(..., help="the job file", metavar=JOB_ARG),
+        resume: bool = typer.Option(True, "--resume/--overwrite", metavar="",
                                     help="continue a job in its output folder, or discard it"),
-        set_: list[str] = typer.Option([], "--set", help="override a key: --set sampling.max_tokens=8"),
-        finalize: bool = typer.Option(False, "--finalize", help="also write one file per input shard"),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress display")) -> None:
+        set_: list[str] = typer.Option([], "--set", metavar=SET_METAVAR,
+                                       help="override a key: --set sampling.max_tokens=8"),
+        finalize: bool = typer.Option(False, "--finalize", metavar="",
+                                      help="also write one file per input shard"),
+        quiet: bool = typer.Option(False, "--quiet", "-q", metavar="",
+                                   help="no progress display")) -> None:
     """Run a job (rerun the same command to resume after a crash or Ctrl-C)."""
     from batchllm.jobs.api import run_job
     from batchllm.jobs.executor import StopSignal
@@ -104,9 +124,10 @@ def run(job: Path = typer.Argument(..., help="job.yaml"),
 
 
 @app.command()
-def validate(job: Path = typer.Argument(..., help="job.yaml"),
-             set_: list[str] = typer.Option([], "--set", help="override a key")) -> None:
-    """Check a job file, its model, inputs and columns without loading the model."""
+def validate(job: Path = typer.Argument(..., help="the job file", metavar=JOB_ARG),
+             set_: list[str] = typer.Option([], "--set", metavar=SET_METAVAR,
+                                            help="override a key")) -> None:
+    """Check a job file, its model, device, inputs and columns without loading the model."""
     from batchllm.jobs.api import validate_job
 
     try:
@@ -118,8 +139,8 @@ def validate(job: Path = typer.Argument(..., help="job.yaml"),
 
 
 @app.command()
-def inspect(out: Path = typer.Argument(..., help="an output folder"),
-            rows: int = typer.Option(5, min=0, help="how many rows to show")) -> None:
+def inspect(out: Path = typer.Argument(..., help="an output folder", metavar="OUT"),
+            rows: int = typer.Option(5, min=0, metavar="N", help="how many rows to show")) -> None:
     """Print a job's live figures (while it runs), its summary and a few output rows."""
     import pyarrow as pa
     from rich.console import Console
@@ -189,12 +210,15 @@ def report(out: Path = typer.Argument(..., help="an output folder", metavar="OUT
 
 
 @app.command("finalize")
-def finalize_cmd(out: Path = typer.Argument(..., help="an output folder")) -> None:
+def finalize_cmd(out: Path = typer.Argument(..., help="an output folder", metavar="OUT"),
+                 fmt: str = typer.Option("arrow", "--format", metavar="arrow|parquet|both",
+                                         help="Arrow IPC files, Parquet (HF datasets and any "
+                                              "other reader), or both")) -> None:
     """Write one file per input shard, rows in input order (the job must be complete)."""
     from batchllm.jobs.finalize import finalize
 
     try:
-        files = finalize(out)
+        files = finalize(out, fmt)
     except JobError as e:
         _fail(e)
     for f in files:

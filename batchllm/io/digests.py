@@ -32,6 +32,7 @@ class Block:
     offset: int  # JSONL: where the first row's line starts; Parquet: where the row group starts
     end: int  # Parquet: where the row group's bytes end (JSONL: 0, the rows say where it ends)
     digest: str
+    first_line: int = 0  # JSONL: the 1-based line number of its first row (blank lines count)
 
 
 @dataclass(slots=True)
@@ -62,23 +63,23 @@ def digest_jsonl(path: Path) -> FileDigest:
     whole, block = _hasher(16), _hasher()
     blocks: list[Block] = []
     rows = offset = in_block = block_bytes = 0
-    start = 0
+    start = start_line = 0
     with open(path, "rb") as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             whole.update(line)
             if line.strip():
                 if in_block and (in_block >= BLOCK_ROWS or block_bytes >= BLOCK_BYTES):
-                    blocks.append(Block(rows - in_block, start, 0, block.hexdigest()))
+                    blocks.append(Block(rows - in_block, start, 0, block.hexdigest(), start_line))
                     block, in_block, block_bytes = _hasher(), 0, 0
                 if not in_block:
-                    start = offset
+                    start, start_line = offset, number
                 block.update(line)
                 in_block += 1
                 block_bytes += len(line)
                 rows += 1
             offset += len(line)
     if in_block:
-        blocks.append(Block(rows - in_block, start, 0, block.hexdigest()))
+        blocks.append(Block(rows - in_block, start, 0, block.hexdigest(), start_line))
     return FileDigest(rows, whole.hexdigest(), blocks)
 
 

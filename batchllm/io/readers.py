@@ -20,7 +20,8 @@ from typing import Any, Iterator
 import pyarrow as pa
 
 from batchllm.io.digests import FileDigest, changed, digest_jsonl, digest_parquet
-from batchllm.io.jsonl import flatten_openai_request, jsonl_lines, verified_jsonl_lines
+from batchllm.io.jsonl import jsonl_lines, verified_jsonl_lines
+from batchllm.io.openai_batch import flatten_openai_request
 from batchllm.io.parquet import iter_parquet_batches, verify_row_groups
 
 SUFFIX_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
@@ -52,6 +53,13 @@ class InputRow:
     row: int  # index within the shard (blank JSONL lines are not rows)
     data: dict[str, Any] | None  # None when the row could not be read
     error: str | None = None
+    line: int | None = None  # JSONL: its 1-based line number in the file (blank lines count)
+
+
+def row_place(name: str, row: int, line: int | None) -> str:
+    """Where a row is, as an editor shows it: 'line 7 of a.jsonl' (JSONL), 'row 3 of b.parquet'
+    (Parquet and in-memory inputs: the 0-based `input_row`)."""
+    return f"line {line} of {name}" if line is not None else f"row {row} of {name}"
 
 
 def find_input_files(path: str) -> list[Path]:
@@ -151,8 +159,8 @@ def iter_rows(shard: Shard, start: int = 0, columns: list[str] | None = None,
         assert shard.path is not None
         lines = (verified_jsonl_lines(shard.path, shard.name, digest, start) if digest is not None
                  else jsonl_lines(shard.path, start))
-        for row, line in lines:
-            r = _parse_line(line, shard.path.name, shard.index, row)
+        for row, number, line in lines:
+            r = _parse_line(line, shard.path.name, shard.index, row, number)
             if shard.format == "openai-batch" and r.data is not None:
                 r.data, r.error = flatten_openai_request(r.data)
             yield r
@@ -220,22 +228,24 @@ def input_schema(shard: Shard, sample_rows: int = 1000) -> pa.Schema:
         return pa.schema([pa.field(k, pa.string()) for k in keys])
 
 
-def _parse_line(line: bytes, name: str, shard: int, row: int) -> InputRow:
+def _parse_line(line: bytes, name: str, shard: int, row: int, number: int) -> InputRow:
     try:
         obj = json.loads(line)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
-        return InputRow(shard, row, None, f"malformed JSON line ({name}, row {row}): {why}")
+        return InputRow(shard, row, None, f"malformed JSON line (line {number} of {name}): {why}",
+                        number)
     if not isinstance(obj, dict):
-        return InputRow(shard, row, None, f"line is JSON but not an object ({name}, row {row})")
-    return InputRow(shard, row, obj)
+        return InputRow(shard, row, None, f"line is JSON but not an object (line {number} of "
+                                          f"{name})", number)
+    return InputRow(shard, row, obj, line=number)
 
 
 def _iter_jsonl_objects(path: Path, start: int = 0, shard: int = 0,
                         limit: int | None = None) -> Iterator[InputRow]:
     """Parsed rows from `start` on (at most `limit`), unchecked: pre-flight sampling."""
-    for row, line in jsonl_lines(path, start, limit):
-        yield _parse_line(line, path.name, shard, row)
+    for row, number, line in jsonl_lines(path, start, limit):
+        yield _parse_line(line, path.name, shard, row, number)
 
 
 def _iter_arrow_batches(shard: Shard, start: int, columns: list[str] | None = None,

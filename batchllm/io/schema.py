@@ -15,16 +15,25 @@ import pyarrow as pa
 from batchllm.io.text import escape_unencodable
 
 TOP_LOGPROB = pa.struct([("token_id", pa.int32()), ("logprob", pa.float32())])
+# OpenAI batch rows that ask for logprobs: per token its text, log p and the top alternatives
+OPENAI_LOGPROBS = pa.list_(pa.struct([
+    ("token", pa.string()), ("logprob", pa.float64()),
+    ("top_logprobs", pa.list_(pa.struct([("token", pa.string()), ("logprob", pa.float64())])))]))
 TIMING_COLUMNS = ("time_queued_s", "time_to_first_token_s", "time_total_s")
 RESERVED = ("id", "input_file", "input_row", "sample_index", "text", "token_ids", "token_logprobs",
-            "top_logprobs", "finish_reason", "stop_reason", "structured_output_valid",
-            "num_prompt_tokens", "num_output_tokens", "num_cached_tokens", *TIMING_COLUMNS, "error")
+            "top_logprobs", "openai_logprobs", "finish_reason", "stop_reason",
+            "structured_output_valid", "num_prompt_tokens", "num_output_tokens",
+            "num_cached_tokens", *TIMING_COLUMNS, "error")
 MAX_KEPT_NESTING = 16  # deeper kept values are written as JSON text
 _MISFIT = (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError, ValueError)
 
 
-def output_schema(kept: list[pa.Field], *, top_logprobs: bool, samples: bool) -> pa.Schema:
-    """Every output row has these columns, in this order (kept input columns after the ids)."""
+def output_schema(kept: list[pa.Field], *, top_logprobs: bool, samples: bool,
+                  openai: bool = False) -> pa.Schema:
+    """Every output row has these columns, in this order (kept input columns after the ids).
+    `openai` (OpenAI batch input): `sample_index` (a request may ask for n) and
+    `openai_logprobs` (what a request that asks for logprobs gets back)."""
+    samples = samples or openai
     cols: list[pa.Field] = [pa.field("id", pa.string()), pa.field("input_file", pa.string()),
                             pa.field("input_row", pa.int64())]
     if samples:
@@ -34,6 +43,8 @@ def output_schema(kept: list[pa.Field], *, top_logprobs: bool, samples: bool) ->
              pa.field("token_logprobs", pa.list_(pa.float32()))]
     if top_logprobs:
         cols.append(pa.field("top_logprobs", pa.list_(pa.list_(TOP_LOGPROB))))
+    if openai:
+        cols.append(pa.field("openai_logprobs", OPENAI_LOGPROBS))
     cols += [pa.field("finish_reason", pa.string()), pa.field("stop_reason", pa.string()),
              pa.field("structured_output_valid", pa.bool_()),  # null: the row was not constrained
              pa.field("num_prompt_tokens", pa.int32()), pa.field("num_output_tokens", pa.int32()),

@@ -22,7 +22,7 @@ from batchllm.jobs.monitor import JobMonitor
 from batchllm.jobs.prepare import JobPlan, plan_job
 from batchllm.jobs.progress import NullProgress, ProgressSink
 from batchllm.jobs.spec import JobSpec, load_spec
-from batchllm.jobs.summary import build_summary, read_summary, write_summary
+from batchllm.jobs.summary import build_summary, read_summary, summary_warnings, write_summary
 
 
 @dataclass(slots=True)
@@ -103,6 +103,8 @@ def run_job(spec: "str | Path | Mapping[str, Any] | JobSpec", *, overwrite: bool
             report = executor.report()
             summary = build_summary(folder, plan.rows_total, report.figures, previous, status,
                                     workers=report.replicas)
+            for message in summary_warnings(summary):  # e.g. most answers empty
+                notice(message)
             if notices:
                 summary["notices"] = notices
             try:
@@ -110,7 +112,8 @@ def run_job(spec: "str | Path | Mapping[str, Any] | JobSpec", *, overwrite: bool
             except OSError:
                 pass  # the chunks are the truth; a missing summary is rebuilt next run
             monitor.finish(summary, notice)  # the last live.json, report.html
-        files = finalize(folder) if finalize_outputs or spec.output.format == "openai-batch" else []
+        files = finalize(folder, spec.output.final_format) \
+            if finalize_outputs or spec.output.format == "openai-batch" else []
     return JobResult(folder, summary, files, resumed)
 
 

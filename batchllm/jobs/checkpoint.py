@@ -53,7 +53,12 @@ def job_details(spec: JobSpec, shards: list[Shard]) -> dict[str, Any]:
                     "system_prompt": inp.system_prompt,
                     # only when set: jobs without it keep the fingerprint they had before
                     **({"structured_output": inp.structured_output_column}
-                       if inp.structured_output_column else {})},
+                       if inp.structured_output_column else {}),
+                    # what prompt-column rows become (auto: the template when the model has one)
+                    **({"chat_template": inp.chat_template} if inp.column_kind == "prompt"
+                       else {}),
+                    **({"openai_model_mismatch": inp.openai_model_mismatch}
+                       if inp.openai_model_mismatch != "error" else {})},
         "output": {"keep_columns": list(spec.output.keep_columns),
                    "unit_rows": spec.output.unit_rows},
         "sampling": {k: v for k, v in sorted(spec.sampling.items())},

@@ -224,7 +224,7 @@ class JobExecutor:
         try:
             self.engine.add_request(p.request_id, p.prompt_ids, p.params)
         except (ValueError, TypeError) as e:  # the engine refused this row: an error row
-            p.error = f"row {row.row} of {p.input_file}: the engine refused the request: {e}"
+            p.error = f"{p.where}: the engine refused the request: {e}"
             self._finish(p, None)
             return
         self.in_flight[p.request_id] = p

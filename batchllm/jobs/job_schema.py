@@ -21,6 +21,8 @@ INPUT_FORMATS = ("jsonl", "parquet", "openai-batch")
 OUTPUT_FORMATS = ("arrow", "openai-batch")
 TOO_LONG_POLICIES = ("error", "truncate_left", "skip")
 DUPLICATE_IDS = ("refuse", "allow")
+MODEL_MISMATCH = ("error", "ignore")
+FINAL_FORMATS = ("arrow", "parquet", "both")
 JOB_ENGINE_KEYS = ("data_parallel_size", "skip_tokenizer_init", "executor")  # besides LLM(...)'s
 EXECUTORS = ("local", "ray")
 INT_MAX = 2**63 - 1
@@ -107,6 +109,11 @@ INPUT: dict[str, Check] = {
     "system_prompt": text(null=True, what="a string", empty=True),
     "duplicate_ids": choice(DUPLICATE_IDS),
     "structured_output_column": text(null=True, what="a column name"),
+    "chat_template": lambda v: None if v == "auto" or isinstance(v, bool) else (
+        "auto | true | false (prompt columns through the model's chat template; auto: when the "
+        "model has one)"),
+    "openai_model_mismatch": choice(MODEL_MISMATCH),
+    "dataset": path_like("a folder written by Dataset.save_to_disk (a string)"),
 }
 OUTPUT: dict[str, Check] = {
     "path": path_like("a folder (a string)"),
@@ -115,6 +122,7 @@ OUTPUT: dict[str, Check] = {
     "unit_rows": integer(1, 2**31 - 1, "rows per work unit"),
     "chunk_rows": integer(1, 2**31 - 1, "rows per committed chunk"),
     "commit_interval_s": positive_number("seconds"),
+    "final_format": choice(FINAL_FORMATS),
 }
 LIMITS: dict[str, Check] = {"prompt_too_long": choice(TOO_LONG_POLICIES)}
 STRUCTURED: dict[str, Check] = {  # sampling.structured_outputs: give one of these

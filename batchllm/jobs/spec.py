@@ -30,6 +30,11 @@ class InputSpec:
     system_prompt: str | None = None
     duplicate_ids: str = "refuse"  # refuse | allow: two rows with the same id in id_column
     structured_output_column: str | None = None  # per-row JSON schema / StructuredOutputsParams
+    # prompt columns through the model's chat template (one user message): auto (when the
+    # tokenizer has one) | True | False; messages always go through it
+    chat_template: bool | str = "auto"
+    openai_model_mismatch: str = "error"  # error | ignore: an OpenAI line naming another model
+    dataset: str | None = None  # a Dataset.save_to_disk folder (instead of path)
     data: Any = None  # Python API only: a pyarrow.Table or datasets.Dataset
 
     @property
@@ -49,6 +54,7 @@ class OutputSpec:
     unit_rows: int = 2048  # rows per work unit (part of the plan, so of the fingerprint)
     chunk_rows: int = 256  # a unit's finished rows are committed at least every chunk_rows rows
     commit_interval_s: float = 30.0  # ... and at least this often
+    final_format: str = "arrow"  # arrow | parquet | both: what finalize writes per input shard
 
 
 @dataclass(slots=True)
@@ -99,6 +105,8 @@ def spec_from_dict(raw: Mapping[str, Any], source: str | None = None) -> JobSpec
     inp = dict(raw["input"])
     out = dict(raw["output"])
     inp["path"] = None if inp.get("path") is None else os.fspath(inp["path"])
+    if inp.get("dataset") is not None:
+        inp["dataset"] = os.fspath(inp["dataset"])
     out["path"] = os.fspath(out["path"])
     spec = JobSpec(input=InputSpec(**inp), output=OutputSpec(**out),
                    limits=LimitsSpec(**(raw.get("limits") or {})), source=source,
@@ -114,8 +122,14 @@ def validate_spec(spec: JobSpec) -> None:
     """Checks across keys, and the sampling and engine values (each by its own validation)."""
     where = spec.source or "job"
     inp, out = spec.input, spec.output
-    if inp.path is None and inp.data is None:
-        raise JobSpecError(f"{where}: missing key 'input.path'")
+    if inp.path is None and inp.data is None and inp.dataset is None:
+        raise JobSpecError(f"{where}: missing key 'input.path' (or input.dataset: a folder "
+                           "written by Dataset.save_to_disk)")
+    if inp.dataset is not None and (inp.path is not None or inp.data is not None):
+        raise JobSpecError(f"{where}: give input.path or input.dataset, not both")
+    if inp.system_prompt is not None and inp.chat_template is False:
+        raise JobSpecError(f"{where}: input.system_prompt goes into the chat template, which "
+                           "input.chat_template: false turns off; drop one of the two")
     named = [k for k in ("prompt_column", "messages_column", "token_ids_column") if getattr(inp, k)]
     if len(named) > 1:
         raise JobSpecError(f"{where}: give only one of input.{', input.'.join(named)}")

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchllm.io.writers import read_arrow, write_text_atomic
@@ -18,7 +19,7 @@ _COLUMNS = ("error", "finish_reason", "num_prompt_tokens", "num_output_tokens", 
 def committed_totals(folder: Path) -> dict[str, int]:
     """Rows, errors and tokens over every committed chunk (one input row may have n sample rows)."""
     t = {"rows": 0, "output_rows": 0, "errors": 0, "skipped": 0, "prompt_tokens": 0,
-         "output_tokens": 0, "cached_tokens": 0}
+         "output_tokens": 0, "cached_tokens": 0, "ended_at_first_token": 0}
     for path in sorted((folder / CHUNKS).glob("*.arrow")):
         table = read_arrow(path)
         first = (pc.equal(table["sample_index"], 0) if "sample_index" in table.column_names
@@ -31,7 +32,31 @@ def committed_totals(folder: Path) -> dict[str, int]:
         t["prompt_tokens"] += pc.sum(per_row["num_prompt_tokens"]).as_py() or 0
         t["output_tokens"] += pc.sum(table["num_output_tokens"]).as_py() or 0
         t["cached_tokens"] += pc.sum(per_row["num_cached_tokens"]).as_py() or 0
+        t["ended_at_first_token"] += _ended_at_first_token(per_row)
     return t
+
+
+def _ended_at_first_token(rows: pa.Table) -> int:
+    """Rows whose answer stopped at its first token (end-of-sequence or a stop at once), not
+    counting constrained rows (a one-token choice is a whole answer)."""
+    first = pc.and_(pc.equal(rows["finish_reason"], "stop"),
+                    pc.less_equal(rows["num_output_tokens"], 1))
+    if "structured_output_valid" in rows.column_names:
+        first = pc.and_(first, pc.is_null(rows["structured_output_valid"]))
+    return pc.sum(first).as_py() or 0
+
+
+def summary_warnings(summary: dict[str, Any]) -> list[str]:
+    """What a user should hear about the job's results: most rows ending at their first token
+    (empty answers) usually means an instruct model got prompts without its chat template."""
+    ran = summary.get("rows", 0) - summary.get("errors", 0) - summary.get("skipped", 0)
+    empty = summary.get("ended_at_first_token", 0)
+    if ran <= 0 or empty * 2 <= ran:
+        return []
+    return [f"{empty} of {ran} rows ended at their first token (empty answers). An instruct model "
+            "given a prompt outside its chat template often answers with end-of-sequence at "
+            "once: set input.chat_template: true (or auto, the default, with a model whose "
+            "tokenizer has a template), give input.system_prompt, or use a messages column"]
 
 
 def combine_figures(parts: list[RunFigures], elapsed_s: float) -> RunFigures:

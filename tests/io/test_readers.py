@@ -26,8 +26,11 @@ def test_jsonl_rows_skip_blank_lines_and_flag_malformed_ones(tmp_path: Path) -> 
     rows = list(iter_rows(shard))
     assert [r.row for r in rows] == [0, 1, 2, 3]
     assert rows[0].data == {"prompt": "a"} and rows[3].data == {"prompt": "b"}
-    assert rows[1].data is None and "malformed JSON" in rows[1].error and "row 1" in rows[1].error
-    assert rows[2].data is None and "not an object" in rows[2].error
+    # messages name the line an editor shows (the blank line 2 counts), not the 0-based row
+    assert rows[1].data is None and "malformed JSON" in rows[1].error
+    assert "line 3 of a.jsonl" in rows[1].error
+    assert rows[2].data is None and "not an object (line 4 of a.jsonl)" in rows[2].error
+    assert [r.line for r in rows] == [1, 3, 4, 5]
     assert [r.row for r in iter_rows(shard, start=2)] == [2, 3]
 
 
@@ -84,9 +87,13 @@ def test_jsonl_digest_blocks_by_rows_and_bytes_and_reading_from_any_row(
     (shard,) = open_shards([p], None)
     assert shard.num_rows == 10
     assert [b.first_row for b in shard.digest.blocks] == [0, 4, 7]
+    line_of = [1, 2, 3, 6, 7, 8, 9, 10, 11, 12]  # lines 4 and 5 are blank
     for start in (0, 3, 4, 6, 7, 9):
         assert [r.row for r in iter_rows(shard, start=start)] == list(range(start, 10))
         assert next(iter_rows(shard, start=start)).data == json.loads(lines[start])
+        # a read that starts at a later block still knows each row's line in the file
+        assert [r.line for r in iter_rows(shard, start=start)] == line_of[start:]
+        assert [r.line for r in iter_rows(shard, start=start, verify=False)] == line_of[start:]
     same = write_jsonl(tmp_path / "b.jsonl", lines[:3] + ["", "  "] + lines[3:])
     assert open_shards([same], None)[0].content_hash == shard.content_hash
     other = write_jsonl(tmp_path / "c.jsonl", lines[:3] + ["", " "] + lines[3:])  # one byte

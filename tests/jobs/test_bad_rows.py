@@ -88,8 +88,11 @@ def test_prompts_of_the_wrong_type_name_the_type(tmp_path: Path) -> None:
     ('"not json"', "not a JSON list of messages"),
     ("5", "got a number (5)"),
     ('{"role": "user"}', "got an object (struct)"),
-    ('[{"role": "user", "content": 5}]', "message 0 needs a string role and content (got role a "
-                                          "string, content a number (5))"),
+    ('[{"role": "user", "content": 5}]', "message 0 needs a string role and content (text or a "
+                                          "list of text parts; got role a string, content a number "
+                                          "(5))"),
+    ('[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]',
+     "message 0, content part 0: only text parts"),
     ('[{"role": "user", "content": "\\udfff"}]', "not valid Unicode text (a lone surrogate \\udfff"),
 ])
 def test_bad_messages_name_what_is_wrong(tmp_path: Path, value: str, words: str) -> None:
@@ -97,6 +100,7 @@ def test_bad_messages_name_what_is_wrong(tmp_path: Path, value: str, words: str)
     t = run_rows(tmp_path, [good, f'{{"m": {value}}}'], input={"messages_column": "m"})
     assert t["error"][0].as_py() is None
     assert words in t["error"][1].as_py()
+    assert t["error"][1].as_py().startswith("line 2 of ")  # the line an editor shows
 
 
 @pytest.mark.parametrize("value, words", [
@@ -154,7 +158,9 @@ def test_an_openai_batch_line_with_bad_settings_is_an_error_line(tmp_path: Path)
     assert out[0]["error"] is None
     assert [o["custom_id"] for o in out] == ["ok", "s", "t", "m"]
     for o, words in zip(out[1:], ["seed=", "stop=", "max_tokens=True"]):
-        assert o["response"] is None and words in o["error"]["message"]
+        # a request that cannot be served is answered 400 with the reason, as OpenAI does
+        assert o["error"] is None and o["response"]["status_code"] == 400
+        assert words in o["response"]["body"]["error"]["message"]
 
 
 @pytest.mark.parametrize("kw, words", [
