@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from batchllm.io.filesystems import open_binary
+
 BLOCK_ROWS = 256
 BLOCK_BYTES = 4 << 20
 _READ = 1 << 20
@@ -64,7 +66,7 @@ def digest_jsonl(path: Path) -> FileDigest:
     blocks: list[Block] = []
     rows = offset = in_block = block_bytes = 0
     start = start_line = 0
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         for number, line in enumerate(f, 1):
             whole.update(line)
             if line.strip():
@@ -98,7 +100,7 @@ def row_group_range(rg) -> tuple[int, int]:  # rg: pyarrow.parquet.RowGroupMetaD
 
 def digest_parquet(path: Path, metadata) -> FileDigest:  # metadata: pyarrow.parquet.FileMetaData
     """The file's digest, one block per row group and the footer's digest."""
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         whole = hashlib.file_digest(f, lambda: _hasher(16)).hexdigest()
         blocks, first = [], 0
         for g in range(metadata.num_row_groups):

@@ -228,3 +228,17 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
         else:
             out.append(fnmatch.translate(p)[4:-3] if "[" in p else re.escape(p))
     return re.compile("^" + "".join(out) + "$")
+
+
+def parquet_source(path: "os.PathLike[str] | RemoteFile") -> Any:
+    """What pyarrow.parquet.ParquetFile reads: a local path, or a remote file's random access."""
+    return path.fs.open_input_file(path.path) if isinstance(path, RemoteFile) else path
+
+
+def file_identity(path: "os.PathLike[str] | RemoteFile") -> tuple[int, int, int, int]:
+    """What changes whenever a file's bytes do: (size, mtime, ctime, inode) for a local file (ctime
+    cannot be set back by anyone), (size, mtime, 0, 0) for an object."""
+    if isinstance(path, RemoteFile):
+        return path.identity()
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Iterator
 
 from batchllm.io.digests import FileDigest, changed
+from batchllm.io.filesystems import open_binary
 
 
 def jsonl_lines(path: Path, start: int = 0,
@@ -14,7 +15,7 @@ def jsonl_lines(path: Path, start: int = 0,
     """(row, 1-based line number, line) from row `start` on, at most `limit` rows; not checked
     against any digest."""
     row = -1
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -32,7 +33,7 @@ def verified_jsonl_lines(path: Path, name: str, digest: FileDigest,
     are read and checked against its planned digest before any of them is yielded (raises
     InputChanged). Reading starts at the byte offset of the block holding `start`."""
     try:
-        f = open(path, "rb")
+        f = open_binary(path)
     except OSError as e:
         raise changed(name, f"it cannot be opened: {e.strerror or e}") from None
     with f:

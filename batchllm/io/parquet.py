@@ -8,13 +8,14 @@ from typing import IO, Iterator
 import pyarrow as pa
 
 from batchllm.io.digests import FileDigest, changed, footer_digest, range_digest
+from batchllm.io.filesystems import open_binary, parquet_source
 
 BATCH_ROWS = 1024
 
 
 def _open(path: Path, name: str) -> IO[bytes]:
     try:
-        return open(path, "rb")
+        return open_binary(path)
     except OSError as e:
         raise changed(name, f"it cannot be opened: {e.strerror or e}") from None
 
@@ -28,7 +29,7 @@ def iter_parquet_batches(path: Path, name: str, start: int, columns: list[str] |
     raw = _open(path, name) if digest is not None else None
     try:
         try:
-            pf = pq.ParquetFile(path)
+            pf = pq.ParquetFile(parquet_source(path))
         except (pa.ArrowInvalid, OSError) as e:
             raise changed(name, f"it is no longer a readable Parquet file: {e}") from None
         if raw is not None and footer_digest(raw) != digest.footer:
@@ -64,7 +65,7 @@ def iter_parquet_batches(path: Path, name: str, start: int, columns: list[str] |
 def verify_row_groups(path: Path, name: str, digest: FileDigest, lo: int, hi: int) -> None:
     """The footer and the row groups holding rows [lo, hi) still have their planned bytes."""
     try:
-        with open(path, "rb") as f:
+        with open_binary(path) as f:
             if footer_digest(f) != digest.footer:
                 raise changed(name, "its Parquet footer differs from the planned one")
             for k in range(max(0, digest.block_of(lo)), digest.block_of(max(lo, hi - 1)) + 1):
