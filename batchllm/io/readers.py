@@ -170,10 +170,11 @@ def iter_rows(shard: Shard, start: int = 0, columns: list[str] | None = None,
             yield InputRow(shard=shard.index, row=offset + i, data=row)
 
 
-def check_rows_unchanged(shard: Shard, lo: int, hi: int) -> None:
-    """Before rows [lo, hi) of a Parquet shard are committed: if the file was touched since it was
-    planned, its row groups holding them must still have the planned bytes (JSONL rows were
-    checked line by line when read). Raises InputChanged."""
+def check_shard_unchanged(shard: Shard) -> None:
+    """Before rows of a Parquet shard are committed: if the file was touched since it was planned,
+    its footer and every row group must still have the planned bytes (rows waiting to be
+    committed may come from any row group read so far; JSONL rows were checked line by line when
+    read). Raises InputChanged. A touch with the same bytes costs one read of the file."""
     if shard.format != "parquet" or shard.path is None or shard.digest is None:
         return
     try:
@@ -182,7 +183,7 @@ def check_rows_unchanged(shard: Shard, lo: int, hi: int) -> None:
         raise changed(shard.name, f"it cannot be read: {e.strerror or e}") from None
     if now == shard.identity:
         return
-    verify_row_groups(shard.path, shard.name, shard.digest, lo, hi)
+    verify_row_groups(shard.path, shard.name, shard.digest, 0, shard.num_rows)
     shard.identity = now  # touched, same bytes: no need to look again until it is touched again
 
 

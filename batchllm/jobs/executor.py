@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from batchllm.core.outputs import RequestOutput
 from batchllm.io.digests import InputChanged
-from batchllm.io.readers import InputRow, Shard, check_rows_unchanged, iter_rows
+from batchllm.io.readers import InputRow, Shard, check_shard_unchanged, iter_rows
 from batchllm.io.schema import rows_to_table
 from batchllm.io.writers import WriteFailed, inside, write_arrow_atomic
 from batchllm.jobs.checkpoint import CHUNKS, Committed, chunk_metadata
@@ -253,8 +253,7 @@ class JobExecutor:
     def _commit(self, ou: _OpenUnit, last: bool) -> None:
         rows = sorted(ou.buffer, key=lambda r: (r["input_row"], r.get("sample_index") or 0))
         shard = self.shards[ou.unit.shard]
-        if rows:
-            check_rows_unchanged(shard, rows[0]["input_row"], rows[-1]["input_row"] + 1)
+        check_shard_unchanged(shard)
         table = rows_to_table(rows, self.schema).replace_schema_metadata(chunk_metadata(shard))
         path = inside(self.chunk_dir, chunk_name(ou.unit.index, ou.next_chunk, last))
         try:
