@@ -158,7 +158,8 @@ def inspect(out: Path = typer.Argument(..., help="an output folder", metavar="OU
     console = Console()
     view = live_view(out)  # written by the running job every few seconds
     if view is not None:
-        live = Table(title=view[0])
+        console.print(view[0], soft_wrap=True)
+        live = Table()
         live.add_column("figure")
         live.add_column("value", justify="right")
         for k, v in view[1]:

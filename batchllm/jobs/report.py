@@ -129,7 +129,7 @@ def _svg(fig: Any, key: str) -> str:
     with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": key}):
         fig.savefig(buf, format="svg")
     svg = buf.getvalue()
-    svg = svg[svg.index("<svg"):]
+    svg = re.sub(r"<metadata>.*?</metadata>", "", svg[svg.index("<svg"):], flags=re.S)
     # several SVGs share one document: keep their internal ids (clip paths) apart
     return (svg.replace('id="', f'id="{key}-').replace("url(#", f"url(#{key}-")
             .replace('href="#', f'href="#{key}-'))
