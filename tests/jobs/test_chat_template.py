@@ -105,8 +105,8 @@ def test_most_rows_ending_at_their_first_token_is_a_notice(tmp_path: Path, empty
 @pytest.mark.slow
 def test_the_default_model_answers_plain_prompts(tmp_path: Path, smollm2_dir: Path) -> None:
     """The default (instruct) model given a prompt column and no system prompt: through its chat
-    template (auto) the answers are not empty; without it most rows end at once and the job says
-    so."""
+    template (auto) the answers are not empty; without it (what a prompt column got before
+    input.chat_template) half of these rows end at their first token."""
     prompts = ["What is the capital of France?", "Name three fruits.", "What is 2 + 2?",
                "Write one sentence about the sea.", "Who wrote Hamlet?", "What colour is grass?"]
     src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": p} for p in prompts])
@@ -122,5 +122,5 @@ def test_the_default_model_answers_plain_prompts(tmp_path: Path, smollm2_dir: Pa
     assert "Paris" in t["text"][0].as_py()
     assert r.summary["ended_at_first_token"] == 0 and "notices" not in r.summary
     raw = run("raw", chat_template=False)
-    if raw.summary["ended_at_first_token"] * 2 > raw.summary["rows"]:
-        assert any("ended at their first token" in n for n in raw.summary["notices"])
+    assert raw.summary["ended_at_first_token"] >= 2
+    assert "" in committed(tmp_path / "raw")["text"].to_pylist()
