@@ -100,9 +100,16 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; 0: the sampled token's; k: also the top k
+    prompt_logprobs: int | None = None  # the same for each prompt token (the first has none)
     skip_special_tokens: bool = True
     structured_outputs: StructuredOutputsParams | None = None  # constrained decoding
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (in [-100, 100])
+    allowed_token_ids: list[int] | None = None  # only these tokens may be sampled
+    bad_words: list[str] | None = None  # each word's last token is banned where it would end it
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: max_model_len)
     extra_keys: tuple = field(default=())  # e.g. an adapter id; part of prefix-cache hashes
+    # bad_words as token sequences (set by the engine from its tokenizer; not a user setting)
+    _bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         # Normalize only the shapes that are valid; anything else is left for validate() to name.
@@ -118,6 +125,16 @@ class SamplingParams:
             self.stop_token_ids = [_index(t) for t in self.stop_token_ids]
         if _is_int(self.top_k) and self.top_k == -1:
             self.top_k = 0
+        self.logit_bias = _bias_dict(self.logit_bias)
+        if isinstance(self.allowed_token_ids, tuple):
+            self.allowed_token_ids = list(self.allowed_token_ids)
+        if isinstance(self.allowed_token_ids, list):
+            self.allowed_token_ids = [_index(t) for t in self.allowed_token_ids]
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
+        elif isinstance(self.bad_words, (list, tuple)):
+            self.bad_words = list(dict.fromkeys(self.bad_words)) if all(
+                isinstance(w, str) for w in self.bad_words) else list(self.bad_words)
         self.structured_outputs = StructuredOutputsParams.coerce(self.structured_outputs)
         self.validate()
 
@@ -169,10 +186,30 @@ class SamplingParams:
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false")
         integer("logprobs", 0, 20, null=True)
+        integer("prompt_logprobs", 0, 20, null=True)
+        if self.logit_bias is not None and not _bias_ok(self.logit_bias):
+            raise bad("logit_bias", "an object of token id (an integer >= 0, or its text) -> bias "
+                                    "(a finite number; clamped to [-100, 100])")
+        if self.allowed_token_ids is not None and (
+                not isinstance(self.allowed_token_ids, list) or not self.allowed_token_ids
+                or any(not _is_int(t) or not 0 <= t <= INT64_MAX for t in self.allowed_token_ids)):
+            raise bad("allowed_token_ids", "a non-empty list of token ids (integers >= 0) or null")
+        if self.bad_words is not None and (not isinstance(self.bad_words, list) or any(
+                not isinstance(w, str) or not w.strip() or not _encodable(w) for w in self.bad_words)):
+            raise bad("bad_words", "a list of non-empty strings (valid Unicode text) or null")
+        v = self.truncate_prompt_tokens
+        if v is not None and not (_is_int(v) and (v == -1 or 1 <= v <= INT64_MAX)):
+            raise bad("truncate_prompt_tokens", "an integer >= 1 (keep the prompt's last k "
+                                                "tokens), -1 (the model's length) or null")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
+
+    @property
+    def needs_logits_processing(self) -> bool:
+        """logit_bias, allowed_token_ids or bad_words: the sampler edits this request's logits."""
+        return bool(self.logit_bias or self.allowed_token_ids or self.bad_words)
 
     @property
     def needs_penalties(self) -> bool:
@@ -193,7 +230,8 @@ class SamplingParams:
 
     @classmethod
     def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
+        """The user's settings (not the ones the engine fills in, named with a leading _)."""
+        return [f.name for f in fields(cls) if not f.name.startswith("_")]
 
 
 def _is_int(v: object) -> bool:
@@ -205,6 +243,25 @@ def _index(v: object) -> object:
     if isinstance(v, (bool, float)) or not hasattr(v, "__index__"):
         return v
     return operator.index(v)
+
+
+def _bias_dict(value: object) -> object:
+    """logit_bias with integer keys (JSON gives them as text) and biases clamped to [-100, 100]
+    as vLLM does; a value of another shape is returned unchanged for validate() to name."""
+    if not isinstance(value, dict):
+        return value
+    out: dict[object, object] = {}
+    for key, bias in value.items():
+        if isinstance(key, str) and key.strip().lstrip("-").isdigit():
+            key = int(key)
+        key = _index(key)
+        out[key] = min(100.0, max(-100.0, float(bias))) if _is_number(bias) else bias
+    return out
+
+
+def _bias_ok(value: object) -> bool:
+    return isinstance(value, dict) and all(
+        _is_int(k) and 0 <= k <= INT64_MAX and _is_number(b) for k, b in value.items())
 
 
 def _is_number(v: object) -> bool:

@@ -61,23 +61,78 @@ class Tokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens,
                               clean_up_tokenization_spaces=False)
 
+    def bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
+        """vLLM's token sequences for SamplingParams.bad_words: each word as it would start the
+        text, and (when that gives other tokens of the same count) after a space, so the word is
+        banned both at the start and in the middle of the text."""
+        out: list[list[int]] = []
+        for word in words:
+            alone = self.encode(word.lstrip(), add_special_tokens=False)
+            if not alone:
+                raise TokenizerError(f"bad_words: {word!r} gives no tokens")
+            out.append(alone)
+            spaced = self.encode(" " + word.lstrip(), add_special_tokens=False)
+            if spaced and spaced[0] != alone[0] and len(spaced) == len(alone):
+                out.append(spaced)
+        return out
+
+    def decode_tokens(self, ids: list[int]) -> list[str]:
+        """Each id decoded alone, special tokens included (vLLM's Logprob.decoded_token). A
+        SentencePiece piece's leading "▁" stays a space, which decoding one token drops."""
+        ids = [int(t) for t in ids]
+        texts = self.hf.batch_decode([[t] for t in ids], skip_special_tokens=False,
+                                     clean_up_tokenization_spaces=False)
+        pieces = self.hf.convert_ids_to_tokens(ids)
+        out = []
+        for text, piece in zip(texts, pieces):
+            text = text or ""
+            if isinstance(piece, str) and piece.startswith("\u2581"):
+                spaces = len(piece) - len(piece.lstrip("\u2581"))
+                missing = spaces - (len(text) - len(text.lstrip(" ")))
+                text = " " * max(0, missing) + text
+            out.append(text)
+        return out
+
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                    system_prompt: str | None = None) -> str:
-        """The chat template applied to `messages`, as text."""
-        if not self.has_chat_template:
+                    system_prompt: str | None = None, *, chat_template: str | None = None,
+                    continue_final_message: bool = False, tools: list[dict[str, Any]] | None = None,
+                    chat_template_kwargs: dict[str, Any] | None = None) -> str:
+        """The chat template (the tokenizer's, or `chat_template`: Jinja text) applied to
+        `messages`, as text. continue_final_message: leave the last message open for the model
+        to continue (no end-of-turn after it; it cannot go with add_generation_prompt)."""
+        if chat_template is None and not self.has_chat_template:
             raise TokenizerError(
                 f"the tokenizer of {self.source} has no chat template, so chat messages cannot be "
-                f"formatted; send plain prompts instead, or use a model/tokenizer that has one")
+                f"formatted; send plain prompts instead, pass chat_template=..., or use a "
+                f"model/tokenizer that has one")
+        if continue_final_message and add_generation_prompt:
+            raise TokenizerError("continue_final_message=True continues the last message, "
+                                 "add_generation_prompt=True starts a new one: set "
+                                 "add_generation_prompt=False to continue the final message")
         messages = list(messages)
+        if continue_final_message and not messages:
+            raise TokenizerError("continue_final_message=True needs at least one message")
         if system_prompt is not None and not (messages and messages[0].get("role") == "system"):
             messages.insert(0, {"role": "system", "content": system_prompt})
-        return self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                           tokenize=False)
+        extra = dict(chat_template_kwargs or {})
+        if continue_final_message:
+            extra["continue_final_message"] = True
+        try:
+            return self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                               tokenize=False, chat_template=chat_template,
+                                               tools=tools, **extra)
+        except Exception as exc:  # the template's own errors (jinja2), or a final message it
+            # does not print as given (ValueError)
+            if not isinstance(exc, (ValueError, TypeError)) and \
+                    type(exc).__module__.split(".")[0] != "jinja2":
+                raise
+            raise TokenizerError(f"the chat template could not format these messages: {exc}") from exc
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            system_prompt: str | None = None) -> list[int]:
-        """Token ids of the chat-formatted conversation (the template adds any BOS itself)."""
-        text = self.render_chat(messages, add_generation_prompt, system_prompt)
+                            system_prompt: str | None = None, **options: Any) -> list[int]:
+        """Token ids of the chat-formatted conversation (the template adds any BOS itself);
+        `options`: render_chat's keywords."""
+        text = self.render_chat(messages, add_generation_prompt, system_prompt, **options)
         return self.encode(text, add_special_tokens=False)
 
 

@@ -81,7 +81,7 @@ def timed_generate(llm: LLM, prompts: list[list[int]], output_lens: list[int],
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    outs = llm.generate(prompts, params)
+    outs = llm.generate(prompts, params, use_tqdm=False)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - t0, outs

@@ -73,7 +73,8 @@ def run_once(model_dir: Path, work: Workload, logprobs: int | None = None, const
         valid = [o.outputs[0].structured_output_valid for o in outs]
         result.update(num_valid=sum(v is True for v in valid), num_invalid=sum(v is False for v in valid))
     tokens = [list(o.outputs[0].token_ids) for o in outs]
-    top = [o.outputs[0].top_logprobs for o in outs] if logprobs else None
+    top = [[{t: x.logprob for t, x in step.items()} for step in o.outputs[0].logprobs]
+           for o in outs] if logprobs else None
     del llm
     release()
     return dict(result=result, tokens=tokens, top_logprobs=top)

@@ -87,13 +87,45 @@ class RunnerOutput:
 
     token_ids[i] holds the tokens request req_ids[i] sampled, one per step it ran (one for an
     ordinary step, `chunk.num_steps` in a multi-step decode round); logprobs[i][j] is log p of
-    token_ids[i][j] and top_logprobs[i][j] maps ids to log p (when some request asked)."""
+    token_ids[i][j], ranks[i][j] its rank (1: the most likely; when some request asked for
+    logprobs) and top_logprobs[i][j] maps ids to log p (when some request asked for top ones).
+    prompt_logprobs: per request that asked, the prompt positions this plan computed."""
 
     req_ids: list[str] = field(default_factory=list)
     token_ids: list[list[int]] = field(default_factory=list)
     logprobs: list[list[float]] | None = None  # log p of each sampled token (temperature 1 softmax)
     top_logprobs: list[list[dict[int, float]]] | None = None
     errors: dict[str, str] = field(default_factory=dict)  # req_id -> why it failed (NaN logits…)
+    ranks: list[list[int]] | None = None
+    prompt_logprobs: dict[str, "PromptLogprobsChunk"] | None = None
+
+
+@dataclass(slots=True)
+class PromptLogprobsChunk:
+    """Log-probs of the prompt tokens start .. start + len(logprobs) - 1, each given the tokens
+    before it (start >= 1: the first prompt token has none); top[j] maps the k most likely ids
+    at that position to their log p, in rank order."""
+
+    start: int
+    logprobs: list[float]
+    ranks: list[int]
+    top: list[dict[int, float]]
+
+
+@dataclass(slots=True)
+class Logprob:
+    """vLLM's record of one token's log-probability: rank 1 is the most likely token (a token
+    tied with others gets the worst of their ranks); decoded_token: the token decoded alone."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# vLLM's shapes: per generated token, token id -> Logprob (the sampled token and the top ones);
+# per prompt token the same, None for the first (nothing precedes it)
+SampleLogprobs = list[dict[int, Logprob]]
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclass(slots=True)
@@ -108,14 +140,14 @@ class RequestMetrics:
 
 @dataclass(slots=True)
 class CompletionOutput:
-    """One sample of a request. logprobs[i] is log p(token_ids[i]); top_logprobs[i] maps ids to log p."""
+    """One sample of a request. logprobs[i] (when SamplingParams.logprobs is set) maps token ids
+    to their Logprob at output position i: token_ids[i] first, then the top `logprobs` ones."""
 
     index: int
     text: str
     token_ids: list[int]
     cumulative_logprob: float | None = None
-    logprobs: list[float] | None = None
-    top_logprobs: list[dict[int, float]] | None = None
+    logprobs: SampleLogprobs | None = None
     finish_reason: str | None = None  # "stop" | "length" | "error" | "abort"
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
     # structured output: whether the text completes its grammar (None: not constrained)
@@ -124,6 +156,13 @@ class CompletionOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def token_logprobs(self) -> list[float] | None:
+        """log p of each generated token (None when logprobs were not asked for)."""
+        if self.logprobs is None:
+            return None
+        return [step[t].logprob for t, step in zip(self.token_ids, self.logprobs)]
 
 
 @dataclass(slots=True)
@@ -138,3 +177,4 @@ class RequestOutput:
     finished: bool = False
     error: str | None = None  # set when the request could not be served (too long, bad ids…)
     metrics: RequestMetrics | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # when SamplingParams.prompt_logprobs is set

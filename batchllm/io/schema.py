@@ -14,7 +14,8 @@ import pyarrow as pa
 
 from batchllm.io.text import escape_unencodable
 
-TOP_LOGPROB = pa.struct([("token_id", pa.int32()), ("logprob", pa.float32())])
+# one of a generated token's most likely tokens: its id, the token decoded alone, log p
+TOP_LOGPROB = pa.struct([("token_id", pa.int32()), ("token", pa.string()), ("logprob", pa.float32())])
 # OpenAI batch rows that ask for logprobs: per token its text, log p and the top alternatives
 OPENAI_LOGPROBS = pa.list_(pa.struct([
     ("token", pa.string()), ("logprob", pa.float64()),

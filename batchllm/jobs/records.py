@@ -27,7 +27,7 @@ def output_rows(p: Prepared, out: RequestOutput | None, *, samples: bool,
     rows = []
     for c in out.outputs:
         row = dict(base, text=c.text, token_ids=list(c.token_ids),
-                   token_logprobs=list(c.logprobs) if c.logprobs is not None else None,
+                   token_logprobs=c.token_logprobs,
                    finish_reason=c.finish_reason,
                    stop_reason=None if c.stop_reason is None else str(c.stop_reason),
                    structured_output_valid=c.structured_output_valid,
@@ -39,9 +39,7 @@ def output_rows(p: Prepared, out: RequestOutput | None, *, samples: bool,
         if p.token_text is not None:
             row["openai_logprobs"] = _openai_logprobs(p, c)
         if top_logprobs:
-            row["top_logprobs"] = None if c.top_logprobs is None else [
-                [{"token_id": int(t), "logprob": float(lp)} for t, lp in step.items()]
-                for step in c.top_logprobs]
+            row["top_logprobs"] = _top_logprobs(c, None if p.params is None else p.params.logprobs)
         rows.append(row)
     return rows
 
@@ -64,6 +62,16 @@ def _openai_logprobs(p: Prepared, c: CompletionOutput) -> list[dict[str, Any]] |
             sampled = entry
         steps.append((token, sampled, alts))
     return token_logprobs(steps, p.top_logprobs, p.token_text)
+
+
+def _top_logprobs(c: CompletionOutput, k: int | None) -> list[list[dict[str, Any]]] | None:
+    """Per output token its k most likely tokens (id, the token decoded alone, log p), most
+    likely first: the entries of vLLM's per-token dict whose rank is at most k."""
+    if c.logprobs is None or not k:
+        return None
+    return [[{"token_id": t, "token": x.decoded_token, "logprob": x.logprob}
+             for t, x in sorted(step.items(), key=lambda kv: kv[1].rank or 0)
+             if x.rank is not None and x.rank <= k] for step in c.logprobs]
 
 
 def _timings(out: RequestOutput) -> dict[str, float | None]:

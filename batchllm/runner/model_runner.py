@@ -22,6 +22,7 @@ from batchllm.runner.cascade import CascadePolicy
 from batchllm.runner.inflight import InflightRound, collect_results, merge_outputs, queue_results
 from batchllm.runner.input_batch import HostBatch, build_host_batch, build_round_batch, longest_first
 from batchllm.runner.kv_cache import KVCache
+from batchllm.runner.prompt_logprobs import PromptRows, prompt_columns, prompt_rows
 from batchllm.runner.sampler import Sampler
 from batchllm.sampling_params import SamplingParams
 
@@ -47,6 +48,9 @@ class ModelRunner:
         self._pin = device.type == "cuda"
         self.graphs = None  # DecodeGraphs, set by capture_decode_graphs
         self.num_oom_splits = 0
+        # requests that asked for prompt log-probs: req_id -> (top k, prompt token ids); every
+        # rank keeps it, as every rank computes the same logits rows
+        self._prompt_logprobs: dict[str, tuple[int, list[int]]] = {}
 
     def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
         from batchllm.runner.cuda_graphs import DecodeGraphs
@@ -110,6 +114,13 @@ class ModelRunner:
         if self.sampler is not None:
             for req_id in plan.finished_req_ids:
                 self.sampler.remove_request(req_id)
+        if self._prompt_logprobs:
+            for req_id in plan.finished_req_ids:
+                self._prompt_logprobs.pop(req_id, None)
+        for new in plan.new_requests:
+            if new.sampling_params.prompt_logprobs is not None:
+                self._prompt_logprobs[new.req_id] = (new.sampling_params.prompt_logprobs,
+                                                     list(new.prompt_token_ids))
         self.kv_cache.swap_out(plan.swap_out)
         self.kv_cache.swap_in(plan.swap_in)
         self.kv_cache.copy(plan.copy_blocks)
@@ -144,18 +155,23 @@ class ModelRunner:
     def _launch_step(self, chunks: list[ScheduledChunk], rows: np.ndarray | None,
                      prev: InflightRound | None) -> InflightRound:
         hb = build_host_batch(chunks, self.block_size)
-        logits = self._step_logits(hb, self._input_ids(hb, rows, prev))
-        if not hb.sample_req_ids:
+        prompt = None
+        if self._prompt_logprobs:
+            prompt = prompt_rows(chunks, hb.query_start, self._prompt_logprobs)
+        logits, scored = self._step_logits(hb, self._input_ids(hb, rows, prev), prompt)
+        if not hb.sample_req_ids and scored is None:
             return InflightRound.done(RunnerOutput(), self.device)
-        sample = self._sample(logits, hb.sample_req_ids)
+        samples = [self._sample(logits, hb.sample_req_ids)] if hb.sample_req_ids else []
         active = np.ones((1, len(hb.sample_req_ids)), dtype=bool)
-        return self._results(hb.sample_req_ids, active, [sample], sample.tokens)
+        last = samples[0].tokens if samples else torch.empty(0, dtype=torch.long, device=self.device)
+        return self._results(hb.sample_req_ids, active, samples, last,
+                             None if scored is None else (prompt.spans, prompt.k, scored))
 
-    def _sample(self, logits: torch.Tensor, req_ids: list[str]):
+    def _sample(self, logits: torch.Tensor, req_ids: list[str], active: list[bool] | None = None):
         """Rank 0 samples (and broadcasts the tokens under tensor parallelism); the other ranks
-        take the broadcast tokens."""
+        take the broadcast tokens. `active`: the rows whose samples count (see Sampler)."""
         if self.sampler is not None:
-            sample = self.sampler.sample_on_device(logits, req_ids)
+            sample = self.sampler.sample_on_device(logits, req_ids, active)
             if self.tp.size > 1:
                 dist.broadcast(sample.tokens, src=0, group=self.tp.group)
             return sample
@@ -164,10 +180,10 @@ class ModelRunner:
         return _Tokens(tokens)
 
     def _results(self, req_ids: list[str], active: np.ndarray, samples: list,
-                 last: torch.Tensor) -> InflightRound:
+                 last: torch.Tensor, prompt: tuple | None = None) -> InflightRound:
         if self.sampler is None:  # rank > 0: only the last tokens matter (they feed the next plan)
             return InflightRound(req_ids, active, [], last, None, None, RunnerOutput())
-        return queue_results(req_ids, active, samples, last)
+        return queue_results(req_ids, active, samples, last, prompt)
 
     def _split(self, chunks: list[ScheduledChunk], exc: Exception) -> RunnerOutput:
         """Run a step that ran out of device memory in two halves instead. Requests of one step
@@ -188,16 +204,19 @@ class ModelRunner:
         except torch.cuda.OutOfMemoryError as exc:
             return self._split(chunks, exc)
 
-    def _step_logits(self, hb: HostBatch, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits of one step's sampled rows: a CUDA graph for a decode batch it covers, else eager."""
+    def _step_logits(self, hb: HostBatch, input_ids: torch.Tensor, prompt: PromptRows | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits of one step's sampled rows (a CUDA graph for a decode batch it covers, else
+        eager) and the prompt log-prob columns of `prompt`'s rows (None without)."""
         prefix = self.cascade.shared_tokens(hb.block_tables, hb.positions) if hb.is_decode else 0
         self.num_shared_prefix_steps += prefix > 0
-        if self.graphs is not None and hb.is_decode and len(hb.seq_lens) <= self.graphs.max_batch:
+        if self.graphs is not None and hb.is_decode and len(hb.seq_lens) <= self.graphs.max_batch \
+                and prompt is None:  # (a decode batch has no prompt rows)
             return self.graphs.run(input_ids, self._to_device(hb.positions),
                                    self._to_device(hb.slot_mapping),
                                    self._to_device(hb.seq_lens.astype(np.int32)),
                                    self._to_device(hb.block_tables.astype(np.int32)), prefix,
-                                   self._to_device(longest_first(hb.seq_lens)))
+                                   self._to_device(longest_first(hb.seq_lens))), None
         meta = AttentionMetadata(
             slot_mapping=self._to_device(hb.slot_mapping),
             query_start_loc=self._to_device(hb.query_start.astype(np.int32)),
@@ -207,7 +226,12 @@ class ModelRunner:
             shared_prefix_len=self._prefix_tensor(prefix),
             seq_order=self._to_device(longest_first(hb.seq_lens)) if hb.is_decode else None)
         hidden = self.model(input_ids, self._to_device(hb.positions), self.layer_caches, meta)
-        return self.model.compute_logits(hidden[self._to_device(hb.logits_indices)])
+        logits = self.model.compute_logits(hidden[self._to_device(hb.logits_indices)])
+        if prompt is None:
+            return logits, None
+        return logits, prompt_columns(self.model.compute_logits, hidden, self._to_device(prompt.rows),
+                                      self._to_device(prompt.targets), prompt.k,
+                                      score=self.sampler is not None)
 
     def _prefix_tensor(self, n: int) -> torch.Tensor | None:
         return self._to_device(np.array([n], dtype=np.int32)) if n else None
@@ -231,6 +255,7 @@ class ModelRunner:
         prefix_tensor = None if use_graphs else self._prefix_tensor(prefix)
         self.num_shared_prefix_steps += num_steps if prefix else 0
         samples = []
+        every = bool(rb.active.all())  # usual: every request runs the whole round
         for step in range(num_steps):
             if use_graphs:
                 logits = self.graphs.run(ids, positions[step], slot_mapping[step], seq_lens[step],
@@ -241,7 +266,7 @@ class ModelRunner:
                                          shared_prefix_len=prefix_tensor, seq_order=order)
                 hidden = self.model(ids, positions[step], self.layer_caches, meta)
                 logits = self.model.compute_logits(hidden)
-            sample = self._sample(logits, req_ids)
+            sample = self._sample(logits, req_ids, None if every else rb.active[step].tolist())
             samples.append(sample)
             ids = sample.tokens
         # each request's last token of this round: what the plan after it is fed

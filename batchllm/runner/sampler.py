@@ -5,52 +5,22 @@ token with probability p. A seeded request draws its E from its own generator, s
 not depend on what else is in the batch. Greedy rows take argmax of the (penalized) logits.
 The only host sync is the one copy of the results at the end of `sample`. Structured output: the
 plan's grammar bitmask (`set_grammar`) sets the tokens a constrained row may not take to -inf
-before anything else; a batch with no constrained row does no extra work.
+before anything else; a batch with no constrained row does no extra work. logit_bias,
+allowed_token_ids and bad_words (runner/logits_constraints.py) come next, then penalties, as in
+vLLM; log-probs (and a sampled token's rank among all tokens) are those of the logits before them.
+Ranks and top log-probs are only computed while some tracked request asks for logprobs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from batchllm.kernels import greedy_sample_for
+from batchllm.runner.sample_records import NONFINITE_ERROR, DeviceSample, SamplerResult, \
+    result_from_host
+from batchllm.runner.logits_constraints import ConstraintState, LogitsConstraints
 from batchllm.sampling_params import SamplingParams
-
-
-NONFINITE_ERROR = ("NaN or infinite logits: the model produced non-finite values for this request, "
-                   "so no token could be sampled")
-
-
-@dataclass(slots=True)
-class SamplerResult:
-    token_ids: list[int]
-    logprobs: list[float]  # log p of each sampled token under the raw logits (temperature 1)
-    top_logprobs: list[dict[int, float]] | None  # None unless some row asked for logprobs > 0
-    errors: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class DeviceSample:
-    """One step's samples, still on the device (no host sync yet)."""
-
-    tokens: torch.Tensor  # [B] int64
-    token_logprobs: torch.Tensor  # [B] float32
-    bad_rows: torch.Tensor  # [B] bool: non-finite logits
-    top: object | None  # torch.return_types.topk of log-probs, when some row asked
-    num_top: list[int]  # how many top log-probs each row asked for
-
-    @property
-    def top_k(self) -> int:
-        return self.top.values.shape[1] if self.top is not None else 0
-
-    def columns(self) -> torch.Tensor:
-        """[B, 3 + 2 * top_k] float64 on the device: token, log p, non-finite flag, top values, top
-        ids — the layout `Sampler.result_from_host` reads once it is on the host."""
-        parts = [self.tokens.double()[:, None], self.token_logprobs.double()[:, None],
-                 self.bad_rows.double()[:, None]]
-        if self.top is not None:
-            parts += [self.top.values.double(), self.top.indices.double()]
-        return torch.cat(parts, dim=1)
 
 
 @dataclass(slots=True)
@@ -60,6 +30,8 @@ class _RequestState:
     min_tokens_ids: list[int]  # ids masked until min_tokens outputs (eos + stop_token_ids)
     penalty_slot: int | None  # row in the sampler's count tables; None: no penalties
     num_outputs: int = 0
+    constraints: ConstraintState | None = None  # logit_bias / allowed_token_ids / bad_words
+    special: bool = False  # penalties or constraints: the row takes the general path
 
 
 class Sampler:
@@ -74,6 +46,9 @@ class Sampler:
         self._free_slots: list[int] = []
         self._greedy_sample = greedy_sample_for(self.device)
         self._grammar: tuple[dict[str, int], torch.Tensor] | None = None  # see set_grammar
+        self._constraints = LogitsConstraints(self.device, vocab_size)
+        self._num_logprobs = 0  # tracked requests that ask for logprobs
+        self._num_constrained = 0  # tracked requests with a ConstraintState
         # byte -> its 8 bits (little-endian words: byte k of word w holds tokens 32w + 8k ...)
         self._bits_of_byte = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool().to(self.device)
 
@@ -100,12 +75,29 @@ class Sampler:
             if prompt_token_ids:
                 prompt = torch.tensor(prompt_token_ids, dtype=torch.long).clamp_(0, self.vocab_size - 1)
                 self._prompt_mask[slot, prompt.to(self.device)] = True
-        self._reqs[req_id] = _RequestState(params, generator, masked, slot)
+        constraints = None
+        if params.needs_logits_processing:
+            try:
+                constraints = self._constraints.add(params, params._bad_words_token_ids)
+            except ValueError:
+                if slot is not None:
+                    self._free_slots.append(slot)
+                raise
+        self._reqs[req_id] = _RequestState(params, generator, masked, slot, constraints=constraints,
+                                           special=slot is not None or constraints is not None)
+        self._num_logprobs += params.logprobs is not None
+        self._num_constrained += constraints is not None
 
     def remove_request(self, req_id: str) -> None:
         state = self._reqs.pop(req_id, None)
-        if state is not None and state.penalty_slot is not None:
+        if state is None:
+            return
+        if state.penalty_slot is not None:
             self._free_slots.append(state.penalty_slot)
+        if state.constraints is not None:
+            self._constraints.release(state.constraints)
+            self._num_constrained -= 1
+        self._num_logprobs -= state.params.logprobs is not None
 
     def _take_slot(self) -> int:
         if not self._free_slots:
@@ -160,12 +152,14 @@ class Sampler:
         return self.to_host(self.sample_on_device(logits, req_ids), req_ids)
 
     @torch.no_grad()
-    def sample_on_device(self, logits: torch.Tensor, req_ids: list[str]) -> DeviceSample:
-        """Sample without a host sync: the results stay on the device until `to_host`."""
+    def sample_on_device(self, logits: torch.Tensor, req_ids: list[str],
+                         active: list[bool] | None = None) -> DeviceSample:
+        """Sample without a host sync: the results stay on the device until `to_host`.
+        `active`: the rows whose sample counts (a multi-step round's later sub-steps sample rows
+        that are already done); the others do not advance penalties, min_tokens or bad words."""
         states = [self._reqs[r] for r in req_ids]
         params = [s.params for s in states]
-        simple = not any(s.penalty_slot is not None or s.num_outputs < s.params.min_tokens
-                         for s in states)
+        simple = not any(s.special or s.num_outputs < s.params.min_tokens for s in states)
         grammar = None if self._grammar is None else self._grammar_mask(req_ids, logits.shape[1])
         if simple and all(p.greedy for p in params):
             # Fast path: one fused read of the logits in their own dtype (no float32 copy):
@@ -182,7 +176,10 @@ class Sampler:
                 bad_rows |= torch.isneginf(logits).all(dim=-1)
             raw_logprobs = torch.log_softmax(logits, dim=-1)
             if not simple:
-                logits = self._apply_penalties(logits.clone(), states)
+                logits = logits.clone()
+                if self._constraints.apply(logits, [s.constraints for s in states]):
+                    bad_rows |= torch.isneginf(logits).all(dim=-1)  # nothing left to sample
+                logits = self._apply_penalties(logits, states)
                 self._mask_until_min_tokens(logits, states)
             greedy_tokens = logits.argmax(dim=-1)
             sampled = self._sample_random(logits, states, params)
@@ -193,31 +190,28 @@ class Sampler:
                 tokens = greedy_tokens
             token_logprobs = raw_logprobs.gather(1, tokens[:, None])[:, 0]
             tokens = torch.where(bad_rows, torch.zeros_like(tokens), tokens)
-        self._count_outputs(tokens, states)
+        self._count_outputs(tokens, states, active)
+        if not self._num_logprobs or all(p.logprobs is None for p in params):
+            return DeviceSample(tokens, token_logprobs, bad_rows, None, [])
+        # vLLM's rank: how many tokens are at least as likely as the sampled one (itself included)
+        if raw_logprobs is None:  # greedy fast path: the logits order tokens as log-probs do
+            ranks = (logits >= logits.gather(1, tokens[:, None])).sum(dim=-1)
+        else:
+            ranks = (raw_logprobs >= token_logprobs[:, None]).sum(dim=-1)
         k = max((p.logprobs or 0) for p in params)
         top = None
         if k > 0:
             if raw_logprobs is None:
                 raw_logprobs = torch.log_softmax(logits.float(), dim=-1)
             top = raw_logprobs.topk(k, dim=-1)
-        return DeviceSample(tokens, token_logprobs, bad_rows, top, [p.logprobs or 0 for p in params])
+        return DeviceSample(tokens, token_logprobs, bad_rows, top, [p.logprobs or 0 for p in params],
+                            ranks)
 
     def to_host(self, d: DeviceSample, req_ids: list[str]) -> SamplerResult:
         """Copy one step's samples to the host (the one sync) and shape them per request."""
-        return self.result_from_host(d.columns().cpu(), d.top_k, d.num_top, req_ids)
+        return result_from_host(d.columns().cpu(), d.top_k, d.num_top, req_ids, d.ranks is not None)
 
-    @staticmethod
-    def result_from_host(host: torch.Tensor, k: int, num_top: list[int],
-                         req_ids: list[str]) -> SamplerResult:
-        token_ids = host[:, 0].long().tolist()
-        logprobs = host[:, 1].tolist()
-        errors = {req_ids[i]: NONFINITE_ERROR
-                  for i in torch.nonzero(host[:, 2]).flatten().tolist()}
-        top = None
-        if k > 0:
-            vals, ids = host[:, 3:3 + k].tolist(), host[:, 3 + k:].long().tolist()
-            top = [dict(zip(ids[i][:n], vals[i][:n])) for i, n in enumerate(num_top)]
-        return SamplerResult(token_ids, logprobs, top, errors)
+    result_from_host = staticmethod(result_from_host)
 
     def _apply_penalties(self, logits: torch.Tensor, states: list[_RequestState]) -> torch.Tensor:
         rows = [i for i, s in enumerate(states) if s.penalty_slot is not None]
@@ -280,10 +274,20 @@ class Sampler:
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
-    def _count_outputs(self, tokens: torch.Tensor, states: list[_RequestState]) -> None:
-        for s in states:
-            s.num_outputs += 1
-        rows = [i for i, s in enumerate(states) if s.penalty_slot is not None]
+    def _count_outputs(self, tokens: torch.Tensor, states: list[_RequestState],
+                       active: list[bool] | None) -> None:
+        if active is not None and all(active):
+            active = None
+        if active is None:
+            for s in states:
+                s.num_outputs += 1
+        else:
+            for s, counts in zip(states, active):
+                s.num_outputs += bool(counts)
+        if self._num_constrained:
+            self._constraints.record(tokens, [s.constraints for s in states], active)
+        rows = [i for i, s in enumerate(states) if s.penalty_slot is not None
+                and (active is None or active[i])]
         if rows:
             slots = self._tensor([states[i].penalty_slot for i in rows], torch.long)
             picked = tokens[self._tensor(rows, torch.long)]

@@ -33,10 +33,11 @@ def assert_same(one: list, other: list) -> None:
     for a, b in zip(one, other, strict=True):
         a, b = a.outputs[0], b.outputs[0]
         assert b.token_ids == a.token_ids
-        assert b.logprobs == pytest.approx(a.logprobs, abs=1e-4)
-        for ta, tb in zip(a.top_logprobs, b.top_logprobs, strict=True):
+        assert b.token_logprobs == pytest.approx(a.token_logprobs, abs=1e-4)
+        for ta, tb in zip(a.logprobs, b.logprobs, strict=True):
             assert sorted(tb) == sorted(ta)
-            assert [tb[k] for k in sorted(ta)] == pytest.approx([ta[k] for k in sorted(ta)], abs=1e-4)
+            assert [tb[k].logprob for k in sorted(ta)] == \
+                pytest.approx([ta[k].logprob for k in sorted(ta)], abs=1e-4)
 
 
 @pytest.mark.slow

@@ -36,9 +36,9 @@ def test_chunked_prefill_and_waiting_requests(tiny_model_dir, steps):
     got = llm.generate(prompts, sp)
     for w, g in zip(want, got):
         assert g.outputs[0].token_ids == w.outputs[0].token_ids
-        assert g.outputs[0].logprobs == pytest.approx(w.outputs[0].logprobs, abs=1e-5)
-        assert [sorted(d) for d in g.outputs[0].top_logprobs] == \
-            [sorted(d) for d in w.outputs[0].top_logprobs]
+        assert g.outputs[0].token_logprobs == pytest.approx(w.outputs[0].token_logprobs, abs=1e-5)
+        assert [sorted(d) for d in g.outputs[0].logprobs] == \
+            [sorted(d) for d in w.outputs[0].logprobs]
         assert g.outputs[0].finish_reason == w.outputs[0].finish_reason
     assert chained(llm) > 0
 

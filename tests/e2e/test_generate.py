@@ -111,10 +111,37 @@ def test_logprobs_equal_hf_log_softmax(tiny_model_dir):
         logp = torch.log_softmax(hf(ids).logits[0].float(), dim=-1)
     n = len(prompt)
     want = [logp[n - 1 + i, t].item() for i, t in enumerate(out.token_ids)]
-    assert out.logprobs == pytest.approx(want, abs=1e-4)
-    top = out.top_logprobs[0]
-    best = torch.topk(logp[n - 1], 3)
-    assert sorted(top) == sorted(best.indices.tolist())
+    assert out.token_logprobs == pytest.approx(want, abs=1e-4)
+    assert out.cumulative_logprob == pytest.approx(sum(want), abs=1e-3)
+    tok = llm.get_tokenizer()
+    for i, (t, step) in enumerate(zip(out.token_ids, out.logprobs)):
+        best = torch.topk(logp[n - 1 + i], 3)
+        assert list(step)[0] == t  # vLLM's order: the sampled token, then the top 3 by rank
+        assert set(step) == {t, *best.indices.tolist()}
+        for r, (tid, lp) in enumerate(zip(best.indices.tolist(), best.values.tolist()), start=1):
+            assert step[tid].rank == r and step[tid].logprob == pytest.approx(lp, abs=1e-4)
+        # greedy: the sampled token is the most likely; its rank counts every token at least as likely
+        assert step[t].rank == int((logp[n - 1 + i] >= logp[n - 1 + i, t]).sum()) == 1
+        assert all(x.decoded_token == tok.decode([tid], skip_special_tokens=False)
+                   for tid, x in step.items())
+
+
+def test_sampled_token_rank_among_all_tokens(tiny_model_dir):
+    """A sampled (temperature 2) token is often not the most likely: its rank is how many tokens
+    are at least as likely, as HF's log-softmax orders them (not its place in the top k)."""
+    from transformers import AutoModelForCausalLM
+
+    prompt = make_prompts(VOCAB, [7], seed=12)[0]
+    llm = LLM(str(tiny_model_dir), dtype="float32", device="cpu")
+    out = llm.generate([prompt], SamplingParams(temperature=2.0, seed=3, max_tokens=12,
+                                                ignore_eos=True, logprobs=1))[0].outputs[0]
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(torch.tensor([prompt + out.token_ids])).logits[0], dim=-1)
+    n = len(prompt)
+    ranks = [out.logprobs[i][t].rank for i, t in enumerate(out.token_ids)]
+    want = [int((logp[n - 1 + i] >= logp[n - 1 + i, t]).sum()) for i, t in enumerate(out.token_ids)]
+    assert ranks == want and max(ranks) > 2  # some sampled token was far from the top
 
 
 def test_row_errors_do_not_stop_the_engine(tiny_model_dir):

@@ -67,7 +67,7 @@ def test_sampling_logprobs_and_penalties_equal_single_step(tiny_model_dir):
     assert rounds_ok(five)
     for x, y in zip(a, b):
         assert x.outputs[0].token_ids == y.outputs[0].token_ids
-        assert x.outputs[0].logprobs == pytest.approx(y.outputs[0].logprobs, abs=1e-5)
+        assert x.outputs[0].token_logprobs == pytest.approx(y.outputs[0].token_logprobs, abs=1e-5)
         assert x.outputs[0].finish_reason == y.outputs[0].finish_reason
 
 

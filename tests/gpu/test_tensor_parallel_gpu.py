@@ -47,5 +47,5 @@ def test_two_ranks_equal_one_on_cuda(tmp_path, monkeypatch, family):
         torch.backends.cuda.matmul.allow_tf32 = old
     for a, b in zip(*outs, strict=True):
         assert b.outputs[0].token_ids == a.outputs[0].token_ids
-        assert b.outputs[0].logprobs == pytest.approx(a.outputs[0].logprobs, abs=1e-3)
+        assert b.outputs[0].token_logprobs == pytest.approx(a.outputs[0].token_logprobs, abs=1e-3)
     print(f"TP {family}: 2 ranks ({'one shared GPU, gloo' if shared else 'NCCL'}) equal 1 rank")

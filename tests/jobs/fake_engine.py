@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from batchllm.core.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from batchllm.core.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from batchllm.sampling_params import SamplingParams
 
 
@@ -86,8 +86,8 @@ class FakeEngine:
                 toks = [(sum(ids) + k + i) % self.vocab_size for k in range(p.max_tokens or 4)]
                 comps.append(CompletionOutput(
                     i, expected_text(ids, p, i), toks,
-                    logprobs=[-0.5] * len(toks) if p.logprobs is not None else None,
-                    top_logprobs=[{t: -0.5, 7: -1.5} for t in toks] if p.logprobs else None,
+                    logprobs=[_fake_logprobs(t, p.logprobs) for t in toks]
+                    if p.logprobs is not None else None,
                     finish_reason="length"))
             outs.append(RequestOutput(rid, None, ids, comps, num_cached_tokens=len(ids) // 2,
                                       finished=True, metrics=metrics))
@@ -96,3 +96,11 @@ class FakeEngine:
     def stats(self) -> dict[str, Any]:
         return {"num_preemptions": 0, "prefix_cache_queries": 10, "prefix_cache_hits": 5,
                 "kv_cache_usage": 0.25, "num_running": len(self.waiting), "num_waiting": 0}
+
+
+def _fake_logprobs(token: int, k: int) -> dict[int, Logprob]:
+    """vLLM's shape: the sampled token (log p -0.5, the most likely) and, when k > 0, token 7."""
+    step = {token: Logprob(-0.5, 1, f"<{token}>")}
+    if k and token != 7:
+        step[7] = Logprob(-1.5, 2, "<7>")
+    return step

@@ -114,7 +114,8 @@ def test_n_samples_give_one_row_per_sample_and_logprobs_when_asked(tmp_path: Pat
     assert t["sample_index"].to_pylist() == [0, 1, 2, 0, 1, 2]
     assert t["input_row"].to_pylist() == [0, 0, 0, 1, 1, 1]
     assert t["token_logprobs"][0].as_py() == [-0.5] * 3
-    assert t["top_logprobs"][0].as_py()[0][1] == {"token_id": 7, "logprob": -1.5}
+    top = t["top_logprobs"][0].as_py()[0]  # the first token's two most likely, with their text
+    assert top[1] == {"token_id": 7, "token": "<7>", "logprob": -1.5} and top[0]["logprob"] == -0.5
     assert r.summary["rows"] == 2 and r.summary["output_rows"] == 6
 
 

@@ -56,7 +56,7 @@ def reference(folder):
 def _check(outs, prompts, tokens, logprobs) -> None:
     assert [o.outputs[0].token_ids for o in outs] == tokens
     for out, want in zip(outs, logprobs):
-        assert out.outputs[0].logprobs == pytest.approx(want, abs=1e-4)
+        assert out.outputs[0].token_logprobs == pytest.approx(want, abs=1e-4)
 
 
 @pytest.mark.parametrize("family, overrides", [
