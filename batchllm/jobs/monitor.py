@@ -3,9 +3,9 @@ sink), `metrics.jsonl` (engine figures about once a second, appended; the report
 and `live.json` (the latest figures, replaced every few seconds; what `batchllm inspect` shows
 while the job runs).
 
-    executors ─► progress_callback ─► JobMonitor.show(state) ─► the user's sink (rich / log lines)
-                                                            ├─► metrics.jsonl (one line a second)
-                                                            └─► live.json (every 2 s)
+    executor ─► progress_callback ─► JobMonitor.show ─► the user's sink (rich / log lines)
+                                                     ├─► metrics.jsonl (one line a second)
+                                                     └─► live.json (every 2 s, by a thread)
 
 It wraps the progress sink, so it runs in the process that drives the job, whatever the executor,
 and costs what a display costs: one JSON line a second, no fsync. Nothing here may fail a job:
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -45,8 +46,10 @@ class JobMonitor:
         self._entered = False
         self._next_sample = self._next_live = 0.0
         self._state: ProgressState | None = None
+        self._live_file = _LiveFile(folder / LIVE)
         self._live: dict[str, Any] = {
-            "pid": os.getpid(), "host": socket.gethostname(), "run": run, "status": "starting", "phase": None,
+            "pid": os.getpid(), "host": socket.gethostname(), "run": run, "status": "starting",
+            "phase": None,
             "started_at": round(clock(), 3), "updated_at": round(clock(), 3),
             "rows_done": rows_before, "rows_total": rows_total, "errors": errors_before}
         if fresh:  # a new job in this folder: an earlier job's samples are not this one's
@@ -131,7 +134,7 @@ class JobMonitor:
 
         self._live.update(status=summary.get("status", "failed"), phase=None,
                           rows_done=summary.get("rows"), errors=summary.get("errors"))
-        self._write_live()
+        self._write_live(wait=True)  # the last word: after any write still under way
         try:
             write_report(self.folder)
         except ReportUnavailable as e:
@@ -155,13 +158,56 @@ class JobMonitor:
         except (OSError, ValueError):
             self._metrics = None  # disk full or closed: the run goes on without samples
 
-    def _write_live(self) -> None:
+    def _write_live(self, wait: bool = False) -> None:
         self._live["updated_at"] = round(self.clock(), 3)
-        path = self.folder / LIVE
-        tmp = self.folder / f"{TMP_PREFIX}{LIVE}.{os.getpid()}"
+        self._live_file.put(json.dumps(self._live), wait)
+
+
+class _LiveFile:
+    """live.json, replaced by a daemon thread so that a slow file system (a rename on a network
+    disk) never holds up the engine loop: put() leaves the latest text, the thread writes it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._text: str | None = None
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def put(self, text: str, wait: bool = False) -> None:
+        """`wait`: write it now, in this thread, after whatever the thread was writing."""
+        if wait:
+            with self._cv:
+                self._text, thread, self._thread = None, self._thread, None
+                self._cv.notify()
+            if thread is not None:
+                thread.join()
+            self._replace(text)
+            return
+        with self._cv:
+            self._text = text
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="batchllm-live",
+                                                daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    def _run(self) -> None:
+        me = threading.current_thread()
+        while True:
+            with self._cv:
+                while self._text is None and self._thread is me:
+                    self._cv.wait()
+                text, self._text = self._text, None
+            if text is None:
+                return  # put(wait=True) took over
+            self._replace(text)
+
+    def _replace(self, text: str) -> None:
+        tmp = self.path.with_name(f"{TMP_PREFIX}{self.path.name}.{os.getpid()}."
+                                  f"{threading.get_ident()}")
         try:
-            tmp.write_text(json.dumps(self._live), encoding="utf-8")
-            os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, self.path)  # readers see the old file or the new one, never half one
         except OSError:
             tmp.unlink(missing_ok=True)
 

@@ -104,7 +104,8 @@ def _timeline(samples: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     runs: list[list[dict[str, Any]]] = []
     offset = 0.0
     for s in samples:
-        if not runs or s.get("run") != runs[-1][0].get("run") or s["elapsed_s"] < runs[-1][-1]["_e"]:
+        last = runs[-1][-1] if runs else None
+        if last is None or s.get("run") != last.get("run") or s["elapsed_s"] < last["_e"]:
             if runs:
                 offset += runs[-1][-1]["_e"]
             runs.append([])
