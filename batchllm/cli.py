@@ -123,6 +123,66 @@ def run(job: Path = typer.Argument(..., help="the job file", metavar=JOB_ARG),
         typer.echo(f"wrote {f}")
 
 
+@app.command("run-batch")
+def run_batch(input_file: str = typer.Option(..., "-i", "--input-file", metavar="IN.jsonl",
+                                             help="OpenAI batch requests, one JSON object a line"),
+              output_file: str = typer.Option(..., "-o", "--output-file", metavar="OUT.jsonl",
+                                              help="the batch output lines, in input order"),
+              model: str = typer.Option(..., "--model", metavar="MODEL",
+                                        help="HF model folder, .gguf file or known short name"),
+              tokenizer: str = typer.Option(None, "--tokenizer", metavar="PATH"),
+              dtype: str = typer.Option(None, "--dtype", metavar="DTYPE"),
+              max_model_len: int = typer.Option(None, "--max-model-len", metavar="N"),
+              max_num_seqs: int = typer.Option(None, "--max-num-seqs", metavar="N"),
+              gpu_memory_utilization: float = typer.Option(None, "--gpu-memory-utilization",
+                                                           metavar="F"),
+              tensor_parallel_size: int = typer.Option(None, "--tensor-parallel-size", "-tp",
+                                                       metavar="N"),
+              seed: int = typer.Option(None, "--seed", metavar="N"),
+              enforce_eager: bool = typer.Option(False, "--enforce-eager", metavar=""),
+              trust_remote_code: bool = typer.Option(False, "--trust-remote-code", metavar=""),
+              generation_config: str = typer.Option(
+                  "auto", "--generation-config", metavar="auto|vllm",
+                  help="auto: request defaults from the model's generation_config.json"),
+              set_: list[str] = typer.Option([], "--set", metavar=SET_METAVAR,
+                                             help="any job key: --set engine.kv_cache_dtype=fp8"),
+              resume: bool = typer.Option(True, "--resume/--overwrite", metavar="",
+                                          help="continue the batch's job, or discard it"),
+              quiet: bool = typer.Option(False, "--quiet", "-q", metavar="",
+                                         help="no progress display")) -> None:
+    """vLLM's run-batch: OpenAI batch JSONL in, batch output JSONL out. Resumable: the job's
+    state is kept in .OUT.jsonl.batchllm/ beside the output; rerun the same command."""
+    from batchllm.jobs.executor import StopSignal
+    from batchllm.jobs.progress import NullProgress, default_progress
+    from batchllm.jobs.run_batch import run_batch as run_batch_job
+
+    engine: dict[str, Any] = {k: v for k, v in dict(
+        dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs, seed=seed,
+        gpu_memory_utilization=gpu_memory_utilization,
+        tensor_parallel_size=tensor_parallel_size).items() if v is not None}
+    engine.update({k: True for k, on in (("enforce_eager", enforce_eager),
+                                         ("trust_remote_code", trust_remote_code)) if on})
+    stop = StopSignal()
+    again = shlex.join(["batchllm", "run-batch", "-i", input_file, "-o", output_file, "--model",
+                        model] + [w for s in set_ for w in ("--set", s)])
+    try:
+        with _SignalStop(stop):
+            result = run_batch_job(input_file, output_file, model, tokenizer=tokenizer,
+                                   engine_settings=engine, generation_config=generation_config,
+                                   overwrite=not resume, stop=stop,
+                                   progress=NullProgress() if quiet else default_progress(),
+                                   on_notice=lambda m: typer.echo(f"note: {m}", err=True),
+                                   **_overrides(set_))
+    except JobInterrupted as e:
+        typer.echo(f"interrupted: {e}\nresume with: {again}", err=True)
+        raise typer.Exit(e.exit_code)
+    except JobError as e:
+        _fail(e, again)
+    s = result.summary
+    typer.echo(f"done: {s['rows']} requests ({s['errors']} errors), {s['output_tokens']} output "
+               f"tokens -> {output_file} (job state: {result.output_path})")
+
+
 @app.command()
 def validate(job: Path = typer.Argument(..., help="the job file", metavar=JOB_ARG),
              set_: list[str] = typer.Option([], "--set", metavar=SET_METAVAR,
