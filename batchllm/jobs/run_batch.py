@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -100,15 +99,15 @@ def write_atomic(path: Path, data: bytes) -> None:
     """Write a file through a temporary name beside it, fsynced, then renamed into place."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"  # permissions as the umask says
         try:
-            with os.fdopen(fd, "wb") as f:
+            with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
     except OSError as e:
         raise OutputWriteError(f"cannot write {path}: {e.strerror or e}") from None
