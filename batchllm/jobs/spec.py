@@ -16,7 +16,7 @@ from batchllm.sampling_params import SamplingParams, SamplingParamsError
 DEFAULT_MODEL = "smollm2-135m"
 # Engine settings that change what a request generates (part of the job fingerprint).
 OUTPUT_AFFECTING_ENGINE_KEYS = ("dtype", "seed", "max_model_len", "load_format", "trust_remote_code",
-                                "allow_pickle", "kv_cache_dtype")
+                                "allow_pickle", "kv_cache_dtype", "quantization")
 
 
 @dataclass(slots=True)
