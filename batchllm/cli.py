@@ -90,7 +90,10 @@ def run(job: Path = typer.Argument(..., help="the job file", metavar=JOB_ARG),
         finalize: bool = typer.Option(False, "--finalize", metavar="",
                                       help="also write one file per input shard"),
         quiet: bool = typer.Option(False, "--quiet", "-q", metavar="",
-                                   help="no progress display")) -> None:
+                                   help="no progress display"),
+        take_over: bool = typer.Option(False, "--take-over", metavar="",
+                                       help="take an object-store output's lease from a run "
+                                            "whose machine died")) -> None:
     """Run a job (rerun the same command to resume after a crash or Ctrl-C)."""
     from batchllm.jobs.api import run_job
     from batchllm.jobs.executor import StopSignal
@@ -107,7 +110,7 @@ def run(job: Path = typer.Argument(..., help="the job file", metavar=JOB_ARG),
             result = run_job(job, overwrite=not resume, finalize_outputs=finalize, stop=stop,
                              progress=NullProgress() if quiet else default_progress(),
                              on_notice=lambda m: typer.echo(f"note: {m}", err=True),
-                             **_overrides(set_))
+                             take_over=take_over, **_overrides(set_))
     except JobInterrupted as e:
         typer.echo(f"interrupted: {e}\nresume with: {again}", err=True)
         raise typer.Exit(e.exit_code)
@@ -199,24 +202,29 @@ def validate(job: Path = typer.Argument(..., help="the job file", metavar=JOB_AR
 
 
 @app.command()
-def inspect(out: Path = typer.Argument(..., help="an output folder", metavar="OUT"),
+def inspect(out: str = typer.Argument(..., help="an output folder or URI", metavar="OUT"),
             rows: int = typer.Option(5, min=0, metavar="N", help="how many rows to show")) -> None:
     """Print a job's live figures (while it runs), its summary and a few output rows."""
     import pyarrow as pa
     from rich.console import Console
     from rich.table import Table
 
-    from batchllm.io.writers import read_arrow
+    from batchllm.io.storage import open_storage
     from batchllm.jobs.checkpoint import CHUNKS, read_job_record
     from batchllm.jobs.monitor import live_view
     from batchllm.jobs.summary import read_summary
 
     try:
-        read_job_record(out)
+        store = open_storage(out)  # a folder, or s3://... (credentials from the environment)
+        read_job_record(store)
     except JobError as e:
         _fail(e)
+    except OSError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
     console = Console()
-    view = live_view(out)  # written by the running job every few seconds
+    local = store.local_path()
+    view = live_view(local) if local else None  # written by the running job every few seconds
     if view is not None:
         console.print(view[0], soft_wrap=True)
         live = Table()
@@ -225,26 +233,26 @@ def inspect(out: Path = typer.Argument(..., help="an output folder", metavar="OU
         for k, v in view[1]:
             live.add_row(k, v)
         console.print(live)
-    summary = read_summary(out)
+    summary = read_summary(store)
     t = Table(title=f"summary of {out}")
     t.add_column("figure")
     t.add_column("value", justify="right")
     for k, v in (summary.items() if isinstance(summary, dict) else []):
         t.add_row(str(k), json.dumps(v) if isinstance(v, dict) else str(v))
     console.print(t)
-    chunks = sorted((out / CHUNKS).glob("*.arrow"))
+    chunks = [n for n in store.list(CHUNKS) if n.endswith(".arrow")]
     if not chunks:
         console.print("no committed rows yet")
         return
     try:
-        table = read_arrow(chunks[0]).slice(0, rows)
+        table = store.read_arrow(f"{CHUNKS}/{chunks[0]}").slice(0, rows)
     except (pa.ArrowInvalid, OSError) as e:
-        typer.echo(f"note: {chunks[0].name} is unreadable ({str(e).splitlines()[0]}); the next "
+        typer.echo(f"note: {chunks[0]} is unreadable ({str(e).splitlines()[0]}); the next "
                    "run sets it aside and redoes its rows", err=True)
         return
     cols = [c for c in ("id", "input_row", "text", "finish_reason", "num_output_tokens", "error")
             if c in table.column_names]
-    r = Table(title=f"first rows of {chunks[0].name}")
+    r = Table(title=f"first rows of {chunks[0]}")
     for c in cols:
         r.add_column(c, overflow="fold", max_width=60 if c == "text" else None)
     for row in table.select(cols).to_pylist():
@@ -271,7 +279,7 @@ def report(out: Path = typer.Argument(..., help="an output folder", metavar="OUT
 
 
 @app.command("finalize")
-def finalize_cmd(out: Path = typer.Argument(..., help="an output folder", metavar="OUT"),
+def finalize_cmd(out: str = typer.Argument(..., help="an output folder or URI", metavar="OUT"),
                  fmt: str = typer.Option("arrow", "--format", metavar="arrow|parquet|both",
                                          help="Arrow IPC files, Parquet (HF datasets and any "
                                               "other reader), or both")) -> None:

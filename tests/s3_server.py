@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 SETUP_REQUESTS = 3  # unauthenticated requests the setup needs: user, access key, policy
@@ -39,6 +40,21 @@ class S3Server:
     def bucket(self, name: str) -> str:
         self.filesystem().create_dir(name)
         return name
+
+    def chunks(self, out: str) -> list[str]:
+        """The committed chunk objects under `out` (bucket/prefix), sorted."""
+        infos = self.filesystem().get_file_info(pafs.FileSelector(f"{out}/chunks",
+                                                                  allow_not_found=True))
+        return sorted(i.path for i in infos if i.path.endswith(".arrow"))
+
+    def rows(self, out: str) -> pa.Table:
+        """Every committed row under `out`, read back with pyarrow, sorted by input row."""
+        fs = self.filesystem()
+        tables = []
+        for key in self.chunks(out):
+            with fs.open_input_file(key) as f:
+                tables.append(pa.ipc.open_file(f).read_all())
+        return pa.concat_tables(tables).sort_by([("input_row", "ascending")])
 
 
 def _free_port() -> int:

@@ -76,6 +76,14 @@ def s3_filesystem(opts: dict[str, Any]) -> pafs.S3FileSystem:
                               ("secret_key", "access_key", "AWS_ACCESS_KEY_ID")):
         if given in opts and other not in opts and os.environ.get(env):
             opts[other] = os.environ[env]  # pyarrow takes both or neither
+    env_keys = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if all(env_keys) and not {"access_key", "secret_key", "anonymous", "role_arn"} & set(opts):
+        # Keys from this process's environment travel with the filesystem (pickled to replica
+        # processes and Ray actors, whose environment may lack them); ~/.aws and instance roles
+        # are looked up where the filesystem is used.
+        opts["access_key"], opts["secret_key"] = env_keys
+        if os.environ.get("AWS_SESSION_TOKEN"):
+            opts["session_token"] = os.environ["AWS_SESSION_TOKEN"]
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         opts.setdefault("region", region)

@@ -20,6 +20,8 @@ from typing import Any, Iterator
 import pyarrow as pa
 
 from batchllm.io.digests import FileDigest, changed, digest_jsonl, digest_parquet
+from batchllm.io.filesystems import (RemoteFile, StorageError, file_identity, find_remote_files,
+                                     is_uri, parquet_source)
 from batchllm.io.jsonl import jsonl_lines, verified_jsonl_lines
 from batchllm.io.openai_batch import flatten_openai_request
 from batchllm.io.parquet import iter_parquet_batches, verify_row_groups
@@ -38,7 +40,7 @@ class Shard:
     name: str  # the `input_file` value of its output rows
     format: str  # jsonl | parquet | openai-batch | arrow (in memory)
     num_rows: int
-    path: Path | None = None  # None: in memory
+    path: Path | RemoteFile | None = None  # None: in memory (RemoteFile: on an object store)
     size: int = 0
     mtime_ns: int = 0
     data: Any = None  # the in-memory table / dataset
@@ -62,8 +64,17 @@ def row_place(name: str, row: int, line: int | None) -> str:
     return f"line {line} of {name}" if line is not None else f"row {row} of {name}"
 
 
-def find_input_files(path: str) -> list[Path]:
-    """A file, a glob or a folder -> files in a stable (sorted) order."""
+def find_input_files(path: str, storage_options: dict[str, Any] | None = None
+                     ) -> list[Path] | list[RemoteFile]:
+    """A file, a glob or a folder (or an object, glob or prefix on an object store: s3://...)
+    -> files in a stable (sorted) order."""
+    if is_uri(path):
+        try:
+            return find_remote_files(path, storage_options, tuple(SUFFIX_FORMATS))
+        except StorageError as e:
+            raise InputError(str(e)) from None
+    if path.startswith("file://"):
+        path = path[len("file://"):]
     if any(ch in path for ch in "*?["):
         files = sorted(Path(p) for p in globlib.glob(path, recursive=True) if Path(p).is_file())
         if not files:
@@ -80,7 +91,7 @@ def find_input_files(path: str) -> list[Path]:
     return [p]
 
 
-def detect_format(path: Path, requested: str | None) -> str:
+def detect_format(path: Path | RemoteFile, requested: str | None) -> str:
     if requested is not None:
         return requested
     fmt = SUFFIX_FORMATS.get(path.suffix.lower())
@@ -94,19 +105,19 @@ def detect_format(path: Path, requested: str | None) -> str:
     return fmt
 
 
-def open_shards(paths: list[Path], requested_format: str | None) -> list[Shard]:
+def open_shards(paths: list[Path] | list[RemoteFile], requested_format: str | None) -> list[Shard]:
     """Shards of the files, each counted and digested (one read of every file)."""
     shards = []
     for i, p in enumerate(paths):
         try:
-            st = p.stat()
+            ident = file_identity(p)
             fmt = detect_format(p, requested_format)
             digest = digest_file(p, fmt)
         except OSError as e:
             raise InputError(f"{p}: cannot read: {e.strerror or e}") from None
         shards.append(Shard(index=i, name=str(p), format=fmt, num_rows=digest.num_rows, path=p,
-                            size=st.st_size, mtime_ns=st.st_mtime_ns,
-                            content_hash=digest.content, digest=digest, identity=identity(st)))
+                            size=ident[0], mtime_ns=ident[1],
+                            content_hash=digest.content, digest=digest, identity=ident))
     return shards
 
 
@@ -134,13 +145,13 @@ def memory_shard(data: Any) -> Shard:
                      f"{type(data).__name__}")
 
 
-def digest_file(path: Path, fmt: str) -> FileDigest:
+def digest_file(path: Path | RemoteFile, fmt: str) -> FileDigest:
     """Row count, content digest and row blocks of one input file."""
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
         try:
-            metadata = pq.ParquetFile(path).metadata
+            metadata = pq.ParquetFile(parquet_source(path)).metadata
         except (pa.ArrowInvalid, OSError) as e:
             raise InputError(f"{path}: not a readable Parquet file: {e}") from None
         return digest_parquet(path, metadata)
@@ -178,7 +189,7 @@ def check_shard_unchanged(shard: Shard) -> None:
     if shard.format != "parquet" or shard.path is None or shard.digest is None:
         return
     try:
-        now = identity(shard.path.stat())
+        now = file_identity(shard.path)
     except OSError as e:
         raise changed(shard.name, f"it cannot be read: {e.strerror or e}") from None
     if now == shard.identity:
@@ -192,7 +203,7 @@ def input_columns(shard: Shard, sample_rows: int = 100) -> set[str]:
     if shard.format == "parquet":
         import pyarrow.parquet as pq
 
-        return set(pq.ParquetFile(shard.path).schema_arrow.names)
+        return set(pq.ParquetFile(parquet_source(shard.path)).schema_arrow.names)
     if shard.format == "arrow":
         return set(shard.data.column_names)
     if shard.format == "dataset":
@@ -211,7 +222,7 @@ def input_schema(shard: Shard, sample_rows: int = 1000) -> pa.Schema:
     if shard.format == "parquet":
         import pyarrow.parquet as pq
 
-        return pq.ParquetFile(shard.path).schema_arrow
+        return pq.ParquetFile(parquet_source(shard.path)).schema_arrow
     if shard.format == "arrow":
         return shard.data.schema
     if shard.format == "dataset":
@@ -242,7 +253,7 @@ def _parse_line(line: bytes, name: str, shard: int, row: int, number: int) -> In
     return InputRow(shard, row, obj, line=number)
 
 
-def _iter_jsonl_objects(path: Path, start: int = 0, shard: int = 0,
+def _iter_jsonl_objects(path: Path | RemoteFile, start: int = 0, shard: int = 0,
                         limit: int | None = None) -> Iterator[InputRow]:
     """Parsed rows from `start` on (at most `limit`), unchecked: pre-flight sampling."""
     for row, number, line in jsonl_lines(path, start, limit):

@@ -12,13 +12,14 @@ Both are picklable (replica processes and Ray actors write their own chunks).
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import posixpath
 import shutil
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Mapping
+from typing import IO, Any, Callable, Mapping
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -48,21 +49,38 @@ class Storage(ABC):
         """Raises FileNotFoundError when missing, OSError otherwise."""
 
     @abstractmethod
-    def read_arrow(self, name: str, columns: list[str] | None = None) -> pa.Table:
-        """An Arrow IPC file (only `columns` read); pa.ArrowInvalid / OSError when corrupt."""
+    def read_arrow(self, name: str, columns: list[str] | None = None,
+                   missing_ok: bool = False) -> pa.Table:
+        """An Arrow IPC file (only `columns` read; with missing_ok those it has); raises
+        pa.ArrowInvalid / OSError when corrupt, KeyError for a missing column."""
 
     @abstractmethod
     def write(self, name: str, data: bytes) -> int:
         """Atomically: the whole file appears, or nothing. Raises WriteFailed (says what to do)."""
 
+    def write_with(self, name: str, write: Callable[[IO[bytes]], None]) -> int:
+        """Atomically, what `write(file)` writes (built in memory, then one write())."""
+        buf = io.BytesIO()
+        write(buf)
+        return self.write(name, buf.getvalue())
+
     def write_arrow(self, name: str, table: pa.Table) -> int:
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_file(sink, table.schema) as w:
-            w.write_table(table)
-        return self.write(name, sink.getvalue().to_pybytes())
+        def write(f: IO[bytes]) -> None:
+            with pa.ipc.new_file(f, table.schema) as w:
+                w.write_table(table)
+
+        return self.write_with(name, write)
 
     def write_text(self, name: str, text: str) -> int:
         return self.write(name, text.encode("utf-8"))
+
+    @abstractmethod
+    def mtime(self, name: str) -> float:
+        """When the file was written (Unix seconds; 0 when unknown)."""
+
+    def location(self, name: str) -> "Path | str":
+        """What to show a user for a file: its local path, or its URI."""
+        return self.where(name)
 
     @abstractmethod
     def exists(self, name: str) -> bool: ...
@@ -110,14 +128,30 @@ class LocalStorage(Storage):
     def read(self, name: str) -> bytes:
         return self._path(name).read_bytes()
 
-    def read_arrow(self, name: str, columns: list[str] | None = None) -> pa.Table:
+    def read_arrow(self, name: str, columns: list[str] | None = None,
+                   missing_ok: bool = False) -> pa.Table:
+        if columns is not None and missing_ok:
+            table = read_arrow(self._path(name))  # memory-mapped: unread columns cost nothing
+            return table.select([c for c in columns if c in table.column_names])
         return read_arrow(self._path(name), columns)
 
     def write(self, name: str, data: bytes) -> int:
         return write_atomic(self._path(name), lambda f: f.write(data))
 
+    def write_with(self, name: str, write: Callable[[IO[bytes]], None]) -> int:
+        return write_atomic(self._path(name), write)  # streamed, not built in memory
+
     def write_arrow(self, name: str, table: pa.Table) -> int:
-        return write_arrow_atomic(self._path(name), table)  # streamed, not built in memory
+        return write_arrow_atomic(self._path(name), table)
+
+    def mtime(self, name: str) -> float:
+        try:
+            return self._path(name).stat().st_mtime
+        except OSError:
+            return 0.0
+
+    def location(self, name: str) -> Path:
+        return self._path(name)
 
     def exists(self, name: str) -> bool:
         return self._path(name).exists()
@@ -173,16 +207,26 @@ class ObjectStorage(Storage):
                 raise FileNotFoundError(self.where(name)) from None
             raise StorageError(explain(e, self.where(name))) from None
 
-    def read_arrow(self, name: str, columns: list[str] | None = None) -> pa.Table:
-        with self.fs.open_input_file(self._key(name)) as f:  # ranged reads of what is needed
-            reader = pa.ipc.open_file(f)
-            if columns is None:
-                return reader.read_all()
-            fields = [reader.schema.get_field_index(c) for c in columns]
-            if -1 in fields:
-                raise KeyError(f"{self.where(name)} has no column {columns[fields.index(-1)]!r}")
-            picked = pa.ipc.open_file(f, options=pa.ipc.IpcReadOptions(included_fields=fields))
-            return picked.read_all().select(columns)
+    def read_arrow(self, name: str, columns: list[str] | None = None,
+                   missing_ok: bool = False) -> pa.Table:
+        """Network and permission errors are StorageError (a bad object is pa.ArrowInvalid)."""
+        try:
+            with self.fs.open_input_file(self._key(name)) as f:  # ranged reads of what is needed
+                reader = pa.ipc.open_file(f)
+                if columns is None:
+                    return reader.read_all()
+                if missing_ok:
+                    columns = [c for c in columns if c in reader.schema.names]
+                fields = [reader.schema.get_field_index(c) for c in columns]
+                if -1 in fields:
+                    raise KeyError(f"{self.where(name)} has no column "
+                                   f"{columns[fields.index(-1)]!r}")
+                picked = pa.ipc.open_file(f, options=pa.ipc.IpcReadOptions(included_fields=fields))
+                return picked.read_all().select(columns)
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            raise StorageError(explain(e, self.where(name))) from None
 
     def write(self, name: str, data: bytes) -> int:
         self._check_fence(name)
@@ -207,7 +251,16 @@ class ObjectStorage(Storage):
                               f"{self.uri} was taken over (now held by {who}); it stops writing")
 
     def exists(self, name: str) -> bool:
-        return self.fs.get_file_info(self._key(name)).type == pafs.FileType.File
+        try:
+            return self.fs.get_file_info(self._key(name)).type == pafs.FileType.File
+        except OSError as e:
+            raise StorageError(explain(e, self.where(name))) from None
+
+    def mtime(self, name: str) -> float:
+        try:
+            return (self.fs.get_file_info(self._key(name)).mtime_ns or 0) / 1e9
+        except OSError:
+            return 0.0
 
     def delete(self, name: str) -> None:
         try:

@@ -1,30 +1,34 @@
-"""The output folder as the truth: job fingerprint, committed chunks, lock, leftovers.
+"""The output location as the truth: job fingerprint, committed chunks, lock or lease, leftovers.
 
-Layout of output.path:
-    job.json            fingerprint + the details it was made from + the shard list
-    .lock               held (fcntl.flock) while a run is writing
-    chunks/unit-NNNNNN-chunk-NNNNN[-last].arrow   committed rows, each file atomic
-    summary.json        figures of the committed rows and of the last run
+Layout of output.path (a folder, or a prefix on an object store: io/storage.py):
+    job.json            fingerprint + the details it was made from + the shard list; written
+                        first (it is what refuses another job), never changed by a resume
+    .lock / .lease      held while a run is writing (a flock on a disk; a lease object with a
+                        heartbeat on an object store, which has no locks)
+    chunks/unit-NNNNNN-chunk-NNNNN[-last].arrow   committed rows, each file atomic (renamed
+                        into place on a disk, one put of the whole object on a store); a unit is
+                        complete once its `-last` chunk, written after its others, is there
+    summary.json        figures of the committed rows and of the last run (written last)
     final/              after finalize: one file per input shard, in input order
-Resume trusts only the committed chunk files. Each chunk records the content digest of the input
+Resume trusts only the committed chunk files (whole and readable). Each chunk records the content digest of the input
 file its rows were read from (schema metadata `batchllm.input_content`); a chunk whose digest is
 not the job's is set aside and its rows redone.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
+from batchllm.io.leases import LOCK  # noqa: F401 - the lock file's name, for callers
 from batchllm.io.readers import Shard
-from batchllm.io.writers import WriteFailed, read_arrow, remove_temp_files, write_text_atomic
+from batchllm.io.storage import Storage, StorageError, open_storage
+from batchllm.io.writers import WriteFailed
 from batchllm.jobs.errors import OutputFolderError
 from batchllm.jobs.plan import WorkUnit, parse_chunk_name
 from batchllm.jobs.spec import OUTPUT_AFFECTING_ENGINE_KEYS, JobSpec
@@ -33,7 +37,6 @@ JOB_FILE = "job.json"
 CHUNKS = "chunks"
 FINAL = "final"
 SUMMARY = "summary.json"
-LOCK = ".lock"
 
 
 CONTENT_KEY = b"batchllm.input_content"
@@ -98,47 +101,57 @@ def describe_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = 
     return f"{prefix.rstrip('.')}: {old!r} -> {new!r}"
 
 
-def claim_folder(folder: Path, details: dict[str, Any], shards: list[Shard], *,
+def claim_folder(folder: "Storage | Path", details: dict[str, Any], shards: list[Shard], *,
                  overwrite: bool, output_format: str = "arrow") -> bool:
     """Record this job in `folder` or check it is the job already there; True if resuming."""
-    job_file = folder / JOB_FILE
+    store = open_storage(folder)
+    try:
+        return _claim(store, details, shards, overwrite, output_format)
+    except StorageError as e:
+        raise OutputFolderError(str(e)) from None
+
+
+def _claim(store: Storage, details: dict[str, Any], shards: list[Shard], overwrite: bool,
+           output_format: str) -> bool:
     fp = fingerprint(details)
-    if job_file.exists() and not overwrite:
+    if store.exists(JOB_FILE) and not overwrite:
         try:
-            old = json.loads(job_file.read_text())
+            old = json.loads(store.read(JOB_FILE))
         except (OSError, ValueError) as e:
-            raise OutputFolderError(f"{job_file}: unreadable ({e}); use --overwrite to start over"
-                                    ) from None
+            raise OutputFolderError(f"{store.where(JOB_FILE)}: unreadable ({e}); use --overwrite "
+                                    "to start over") from None
         if old.get("fingerprint") != fp:
             why = describe_difference(old.get("details", {}), details)
             raise OutputFolderError(
-                f"output folder {folder} holds a different job ({why}). Use another output.path, "
-                "or --overwrite to discard its results and start again.")
-        return any((folder / CHUNKS).glob("*.arrow"))
+                f"output folder {store.uri} holds a different job ({why}). Use another "
+                "output.path, or --overwrite to discard its results and start again.")
+        return any(n.endswith(".arrow") for n in store.list(CHUNKS))
     if overwrite:
         for name in (CHUNKS, FINAL):
-            shutil.rmtree(folder / name, ignore_errors=True)
+            store.delete_tree(name)
         for name in (JOB_FILE, SUMMARY):
-            (folder / name).unlink(missing_ok=True)
-    (folder / CHUNKS).mkdir(parents=True, exist_ok=True)
+            store.delete(name)
+    store.make_dir(CHUNKS)
     record = {"fingerprint": fp, "details": details, "output_format": output_format,
               "shards": [{"name": s.name, "rows": s.num_rows} for s in shards]}
     try:
-        write_text_atomic(job_file, json.dumps(record, indent=2, default=str))
+        store.write_text(JOB_FILE, json.dumps(record, indent=2, default=str))
     except WriteFailed as e:
         raise OutputFolderError(str(e)) from None
     return False
 
 
-def read_job_record(folder: Path) -> dict[str, Any]:
+def read_job_record(folder: "Storage | Path | str") -> dict[str, Any]:
     """job.json, checked for the keys readers of a folder rely on."""
-    path = folder / JOB_FILE
+    store = open_storage(folder)
+    path = store.where(JOB_FILE)
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(store.read(JOB_FILE))
     except FileNotFoundError:
-        raise OutputFolderError(f"{folder} is not a batchllm output folder (no {JOB_FILE})") from None
+        raise OutputFolderError(f"{store.uri} is not a batchllm output folder (no {JOB_FILE})"
+                                ) from None
     except NotADirectoryError:
-        raise OutputFolderError(f"{folder} is not a folder") from None
+        raise OutputFolderError(f"{store.uri} is not a folder") from None
     except (OSError, ValueError) as e:
         raise OutputFolderError(f"{path}: unreadable: {e}") from None
     try:
@@ -163,7 +176,7 @@ class UnitState:
     """What is committed for one unit."""
 
     done_rows: set[int] = field(default_factory=set)
-    files: list[Path] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)  # chunk names under chunks/
     next_chunk: int = 0
     complete: bool = False
 
@@ -178,14 +191,17 @@ class Committed:
                    for u in units)
 
 
-def _chunk_problem(path: Path, unit: WorkUnit, seen: set[int],
+def _chunk_problem(store: Storage, name: str, unit: WorkUnit, seen: set[int],
                    content: str | None) -> tuple[str | None, list[int]]:
     """Why a chunk cannot be trusted (None if it can), and its input rows. `content`: the digest
     of the input its rows must have been read from (None: not known, not checked)."""
     try:
-        table = read_arrow(path, ["input_row"])
+        table = store.read_arrow(f"{CHUNKS}/{name}", ["input_row"])
         table.validate(full=True)
         rows = table.column(0).to_pylist()
+    except StorageError as e:  # the store could not be read (not the chunk's fault)
+        raise OutputFolderError(f"cannot read committed chunk {store.where(CHUNKS + '/' + name)}: "
+                                f"{e}; rerun the same command to resume") from None
     except (pa.ArrowInvalid, OSError, KeyError) as e:
         return f"unreadable ({str(e).splitlines()[0][:120]})", []
     recorded = (table.schema.metadata or {}).get(CONTENT_KEY, b"").decode(errors="replace")
@@ -201,33 +217,37 @@ def _chunk_problem(path: Path, unit: WorkUnit, seen: set[int],
     return None, rows
 
 
-def scan_committed(folder: Path, units: list[WorkUnit]) -> Committed:
+def scan_committed(folder: "Storage | Path", units: list[WorkUnit]) -> Committed:
     """Read chunk names and their `input_row` column; set corrupt chunks aside (renamed
     `*.corrupt-<pid>`, never read again) so that their rows are redone. A chunk is corrupt when it
     is unreadable, holds rows outside its unit or already committed, or was read from an input
     whose content digest is not the one job.json records."""
+    store = open_storage(folder)
     states = {u.index: UnitState() for u in units}
     corrupt: list[str] = []
-    contents = _recorded_contents(folder)
-    chunk_dir = folder / CHUNKS
-    for path in sorted(chunk_dir.glob("*.arrow")) if chunk_dir.exists() else []:
-        parsed = parse_chunk_name(path.name)
+    contents = _recorded_contents(store)
+    try:
+        names = [n for n in store.list(CHUNKS) if n.endswith(".arrow")]
+    except StorageError as e:
+        raise OutputFolderError(str(e)) from None
+    for name in names:
+        parsed = parse_chunk_name(name)
         if parsed is None or parsed[0] not in states:
             continue
         unit, chunk, last = parsed
         st = states[unit]
-        why, rows = _chunk_problem(path, units[unit], st.done_rows,
+        why, rows = _chunk_problem(store, name, units[unit], st.done_rows,
                                    contents.get(units[unit].shard))
         if why is not None:
-            corrupt.append(f"{path.name}: {why}")
-            aside = path.with_name(f"{path.name}.corrupt-{os.getpid()}")
+            corrupt.append(f"{name}: {why}")
             try:
-                path.rename(aside)
+                store.move(f"{CHUNKS}/{name}", f"{CHUNKS}/{name}.corrupt-{os.getpid()}")
             except OSError as e:
-                raise OutputFolderError(f"chunk {path} is corrupt ({why}) and cannot be set aside: "
-                                        f"{e.strerror or e}; move it away and rerun") from None
+                raise OutputFolderError(f"chunk {store.where(CHUNKS + '/' + name)} is corrupt "
+                                        f"({why}) and cannot be set aside: {e.strerror or e}; "
+                                        "move it away and rerun") from None
             continue
-        st.files.append(path)
+        st.files.append(name)
         st.next_chunk = max(st.next_chunk, chunk + 1)
         st.complete = st.complete or last
         st.done_rows.update(rows)
@@ -240,73 +260,37 @@ def scan_committed(folder: Path, units: list[WorkUnit]) -> Committed:
     return Committed(states, corrupt)
 
 
-def _recorded_contents(folder: Path) -> dict[int, str]:
+def _recorded_contents(store: Storage) -> dict[int, str]:
     """Shard index -> the content digest job.json records for it (the job's truth)."""
     try:
-        inputs = json.loads((folder / JOB_FILE).read_text())["details"]["inputs"]
+        inputs = json.loads(store.read(JOB_FILE))["details"]["inputs"]
         return {i: s["content"] for i, s in enumerate(inputs) if s.get("content")}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}
 
 
 class FolderLock:
-    """An exclusive fcntl.flock on output.path/.lock: a second run on the folder is refused.
+    """The lease of an output location: an exclusive flock on a folder's `.lock` (the kernel drops
+    it when its holder dies, so a lock left by a killed run is stale by construction), or a lease
+    object with a heartbeat on an object store (io/leases.py). A second run is refused. Entering
+    also removes a folder's temporary files of interrupted writes (`removed`); `stale` says whose
+    stale lock or lease was taken over (`stale_pid` for a folder's)."""
 
-    The kernel drops a flock when its holder dies, so a lock file left by a killed run is stale
-    by construction: the next run takes it (and reports that it did). Entering also removes the
-    temporary files of interrupted writes; `removed` lists them.
-    """
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self._fd: int | None = None
+    def __init__(self, folder: "Storage | Path", take_over: bool = False) -> None:
+        self.store = open_storage(folder)
+        self._lease = self.store.lease(take_over)
         self.removed: list[Path] = []
-        self.stale_pid: int | None = None  # the pid a stale lock file named, if any
+        self.stale: str | None = None
+        self.stale_pid: int | None = None
 
     def __enter__(self) -> "FolderLock":
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise OutputFolderError(f"cannot use output folder {self.folder}: {e.strerror or e} "
-                                    "(check that it is writable, or choose another output.path)"
-                                    ) from None
-        holder = _read_pid(self._fd)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(self._fd)
-            self._fd = None
-            who = f" (pid {holder})" if holder else ""
-            raise OutputFolderError(f"output folder {self.folder} is in use by another batchllm "
-                                    f"run{who}: its lock {self.folder / LOCK} is held; wait for "
-                                    "that run to finish or stop it first") from None
-        if holder and holder != os.getpid():
-            self.stale_pid = holder
-        try:
-            os.ftruncate(self._fd, 0)
-            os.pwrite(self._fd, str(os.getpid()).encode(), 0)
-        except OSError:
-            pass  # the pid is only informative (e.g. the disk is full); the flock is what counts
-        for sub in (self.folder, self.folder / CHUNKS, self.folder / FINAL):
-            if sub.exists():
-                self.removed += remove_temp_files(sub)
+            self._lease.__enter__()
+        except StorageError as e:
+            raise OutputFolderError(str(e)) from None
+        self.removed, self.stale = list(self._lease.removed), self._lease.stale
+        self.stale_pid = getattr(self._lease, "stale_pid", None)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._fd is not None:
-            try:
-                os.ftruncate(self._fd, 0)
-            except OSError:
-                pass
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-
-def _read_pid(fd: int) -> int | None:
-    try:
-        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        return int(text) if text.isdigit() else None
-    except OSError:
-        return None
+        self._lease.__exit__(*exc)

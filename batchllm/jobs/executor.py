@@ -23,7 +23,8 @@ from batchllm.core.outputs import RequestOutput
 from batchllm.io.digests import InputChanged
 from batchllm.io.readers import InputRow, Shard, check_shard_unchanged, iter_rows
 from batchllm.io.schema import rows_to_table
-from batchllm.io.writers import WriteFailed, inside, write_arrow_atomic
+from batchllm.io.storage import Storage, open_storage
+from batchllm.io.writers import WriteFailed
 from batchllm.jobs.checkpoint import CHUNKS, Committed, chunk_metadata
 from batchllm.jobs.engine_api import EngineLike
 from batchllm.jobs.errors import EngineFailed, JobInputError, JobInterrupted, OutputWriteError
@@ -69,8 +70,8 @@ class _OpenUnit:
 
 class JobExecutor:
     def __init__(self, *, shards: list[Shard], units: list[WorkUnit], committed: Committed,
-                 engine: EngineLike, prep: Preprocessor, schema: pa.Schema, folder: Path,
-                 chunk_rows: int, commit_interval_s: float, max_num_seqs: int,
+                 engine: EngineLike, prep: Preprocessor, schema: pa.Schema,
+                 folder: "Storage | Path", chunk_rows: int, commit_interval_s: float, max_num_seqs: int,
                  stop: StopSignal | None = None,
                  on_progress: Callable[[RunFigures, int], None] | None = None,
                  unit_source: Callable[[], int | None] | None = None,
@@ -81,7 +82,7 @@ class JobExecutor:
         `on_unit_complete(unit)` is called once a unit's last chunk is committed."""
         self.shards, self.units, self.committed = shards, units, committed
         self.engine, self.prep, self.schema = engine, prep, schema
-        self.chunk_dir = folder / CHUNKS
+        self.storage = open_storage(folder)  # a folder, or an object-store prefix
         self.chunk_rows, self.commit_interval_s = chunk_rows, commit_interval_s
         self.max_in_flight = max(1, IN_FLIGHT_PER_SEQ * max_num_seqs)
         self.stop = stop or StopSignal()
@@ -255,9 +256,9 @@ class JobExecutor:
         shard = self.shards[ou.unit.shard]
         check_shard_unchanged(shard)
         table = rows_to_table(rows, self.schema).replace_schema_metadata(chunk_metadata(shard))
-        path = inside(self.chunk_dir, chunk_name(ou.unit.index, ou.next_chunk, last))
+        name = f"{CHUNKS}/{chunk_name(ou.unit.index, ou.next_chunk, last)}"
         try:
-            write_arrow_atomic(path, table)
+            self.storage.write_arrow(name, table)  # atomic: whole, or not there
         except WriteFailed as e:
             raise OutputWriteError(f"{e.strerror or e} (rows committed so far are intact)") from None
         ou.next_chunk += 1

@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
+from batchllm.io.filesystems import open_binary
 from batchllm.io.readers import InputRow, Shard, input_schema, iter_rows
 from batchllm.io.schema import infer_type, widen
 
@@ -119,7 +120,7 @@ def _id_at(shards: list[Shard], where: tuple[int, int], id_column: str) -> str:
 def _line_number(path: Path, row: int) -> int | None:
     """1-based line of a JSONL row (blank lines are not rows)."""
     seen = -1
-    with open(path, "rb") as f:
+    with open_binary(path) as f:  # a local file or an object-store one
         for number, line in enumerate(f, 1):
             if line.strip():
                 seen += 1

@@ -91,6 +91,20 @@ def choice(options: tuple[str, ...], null: bool = False) -> Check:
     return check
 
 
+def storage_options() -> Check:
+    """<section>.storage_options: keyword arguments of the store's filesystem (for s3:
+    access_key, secret_key, session_token, region, endpoint_url, ...); checked by the store."""
+    def check(v: Any) -> str | None:
+        if v is None or (isinstance(v, Mapping) and all(
+                isinstance(k, str) and k and (v[k] is None or isinstance(v[k], (str, int, float,
+                                                                              bool)))
+                for k in v)):
+            return None
+        return ("a mapping of the object store's options to plain values, e.g. "
+                "{endpoint_url: http://localhost:9000, region: us-east-1}")
+    return check
+
+
 def names() -> Check:
     def check(v: Any) -> str | None:
         if isinstance(v, list) and all(isinstance(c, str) and c and not unencodable(c) for c in v):
@@ -114,15 +128,17 @@ INPUT: dict[str, Check] = {
         "model has one)"),
     "openai_model_mismatch": choice(MODEL_MISMATCH),
     "dataset": path_like("a folder written by Dataset.save_to_disk (a string)"),
+    "storage_options": storage_options(),
 }
 OUTPUT: dict[str, Check] = {
-    "path": path_like("a folder (a string)"),
+    "path": path_like("a folder, or an object-store URI such as s3://bucket/prefix (a string)"),
     "keep_columns": names(),
     "format": choice(OUTPUT_FORMATS),
     "unit_rows": integer(1, 2**31 - 1, "rows per work unit"),
     "chunk_rows": integer(1, 2**31 - 1, "rows per committed chunk"),
     "commit_interval_s": positive_number("seconds"),
     "final_format": choice(FINAL_FORMATS),
+    "storage_options": storage_options(),
 }
 LIMITS: dict[str, Check] = {"prompt_too_long": choice(TOO_LONG_POLICIES)}
 STRUCTURED: dict[str, Check] = {  # sampling.structured_outputs: give one of these

@@ -49,7 +49,8 @@ def plan_job(spec: JobSpec) -> JobPlan:
         elif spec.input.dataset is not None:
             shards = [dataset_shard(spec.input.dataset)]
         else:
-            shards = open_shards(find_input_files(str(spec.input.path)), spec.input.format)
+            shards = open_shards(find_input_files(str(spec.input.path),
+                                                  spec.input.storage_options), spec.input.format)
         _check_columns(spec, shards, where)
         _finish_openai_defaults(spec, shards)
         openai = any(s.format == "openai-batch" for s in shards)

@@ -35,6 +35,8 @@ class InputSpec:
     chat_template: bool | str = "auto"
     openai_model_mismatch: str = "error"  # error | ignore: an OpenAI line naming another model
     dataset: str | None = None  # a Dataset.save_to_disk folder (instead of path)
+    # an object-store path's filesystem options (credentials, endpoint); never in job.json
+    storage_options: dict[str, Any] | None = None
     data: Any = None  # Python API only: a pyarrow.Table or datasets.Dataset
 
     @property
@@ -55,6 +57,8 @@ class OutputSpec:
     chunk_rows: int = 256  # a unit's finished rows are committed at least every chunk_rows rows
     commit_interval_s: float = 30.0  # ... and at least this often
     final_format: str = "arrow"  # arrow | parquet | both: what finalize writes per input shard
+    # an object-store path's filesystem options (credentials, endpoint); never in job.json
+    storage_options: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)

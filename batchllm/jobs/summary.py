@@ -9,19 +9,21 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from batchllm.io.writers import read_arrow, write_text_atomic
+from batchllm.io.storage import Storage, open_storage
 from batchllm.jobs.checkpoint import CHUNKS, SUMMARY
 from batchllm.jobs.executor import RunFigures
 
-_COLUMNS = ("error", "finish_reason", "num_prompt_tokens", "num_output_tokens", "num_cached_tokens")
+_COLUMNS = ["error", "finish_reason", "num_prompt_tokens", "num_output_tokens", "num_cached_tokens",
+            "sample_index", "structured_output_valid"]  # what the totals read (the last two: if any)
 
 
-def committed_totals(folder: Path) -> dict[str, int]:
+def committed_totals(folder: "Storage | Path") -> dict[str, int]:
     """Rows, errors and tokens over every committed chunk (one input row may have n sample rows)."""
+    store = open_storage(folder)
     t = {"rows": 0, "output_rows": 0, "errors": 0, "skipped": 0, "prompt_tokens": 0,
          "output_tokens": 0, "cached_tokens": 0, "ended_at_first_token": 0}
-    for path in sorted((folder / CHUNKS).glob("*.arrow")):
-        table = read_arrow(path)
+    for name in (n for n in store.list(CHUNKS) if n.endswith(".arrow")):
+        table = store.read_arrow(f"{CHUNKS}/{name}", _COLUMNS, missing_ok=True)
         first = (pc.equal(table["sample_index"], 0) if "sample_index" in table.column_names
                  else None)
         per_row = table.filter(first) if first is not None else table
@@ -78,7 +80,7 @@ def combine_figures(parts: list[RunFigures], elapsed_s: float) -> RunFigures:
     return total
 
 
-def build_summary(folder: Path, rows_total: int, run: RunFigures, previous: dict[str, Any] | None,
+def build_summary(folder: "Storage | Path", rows_total: int, run: RunFigures, previous: dict[str, Any] | None,
                   status: str, workers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """`workers`: one record per data-parallel replica (added as `data_parallel`), if any. A run
     that finished no row (a rerun of a finished job, a stop before the first row) keeps the
@@ -117,12 +119,12 @@ def build_summary(folder: Path, rows_total: int, run: RunFigures, previous: dict
     }
 
 
-def read_summary(folder: Path) -> dict[str, Any] | None:
+def read_summary(folder: "Storage | Path") -> dict[str, Any] | None:
     try:
-        return json.loads((folder / SUMMARY).read_text())
+        return json.loads(open_storage(folder).read(SUMMARY))
     except (OSError, ValueError):
         return None
 
 
-def write_summary(folder: Path, summary: dict[str, Any]) -> None:
-    write_text_atomic(folder / SUMMARY, json.dumps(summary, indent=2))
+def write_summary(folder: "Storage | Path", summary: dict[str, Any]) -> None:
+    open_storage(folder).write_text(SUMMARY, json.dumps(summary, indent=2))

@@ -22,7 +22,8 @@ from batchllm.jobs.errors import EngineFailed, JobSpecError
 from batchllm.jobs.executors.ray_executor import ACTOR_PREFIX
 from batchllm.jobs.prepare import plan_job
 from batchllm.jobs.spec import load_spec, spec_to_dict
-from tests.cli.helpers import chunk_rows, cli, env, wait_for_chunks, write_job
+from tests.cli.helpers import TIMINGS, chunk_rows, cli, env, wait_for_chunks, write_job
+from tests.s3_server import S3Server, moto_server
 
 ray = pytest.importorskip("ray")
 
@@ -48,6 +49,12 @@ def reference(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     folder = tmp_path_factory.mktemp("reference")
     run_job(write_job(folder, tiny_model_dir, **JOB))
     return chunk_rows(folder / "out")
+
+
+@pytest.fixture(scope="module")
+def s3() -> S3Server:
+    pytest.importorskip("moto")
+    yield from moto_server()
 
 
 def summary(out: Path) -> dict[str, Any]:
@@ -147,6 +154,21 @@ def test_two_ray_replicas_write_exactly_the_local_executors_rows(
     assert sorted(u for w in workers for u in w["units"]) == list(range(14))
     assert os.getpid() not in {w["pid"] for w in workers}  # actors, not this process
     assert not [n for n in ray.util.list_named_actors() if n.startswith(ACTOR_PREFIX)]
+
+
+def test_ray_replicas_commit_to_s3_with_the_drivers_credentials(
+        cluster: str, s3: S3Server, tmp_path: Path, tiny_model_dir: Path, reference: pa.Table,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in s3.env().items():  # the driver's environment only: actors lack them
+        monkeypatch.setenv(key, value)
+    job = write_job(tmp_path, tiny_model_dir, **JOB)
+    result = run_job(job, **RAY2, **{"output.path": f"s3://{s3.bucket('ray')}/out"})
+    assert result.output_path == "s3://ray/out" and result.summary["rows"] == TOTAL
+    got = s3.rows("ray/out").drop_columns(TIMINGS + ["input_file"])
+    assert got["id"].to_pylist() == reference["id"].to_pylist()
+    assert got.equals(reference)
+    workers = result.summary["data_parallel"]["workers"]
+    assert all(w["rows"] > 0 for w in workers), workers  # both actors wrote there
 
 
 def test_a_replica_actor_killed_mid_job_loses_nothing_and_duplicates_nothing(

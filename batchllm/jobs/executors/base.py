@@ -24,9 +24,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
+from batchllm.io.storage import Storage
 from batchllm.jobs import errors
 from batchllm.jobs.checkpoint import Committed
 from batchllm.jobs.errors import EngineFailed
@@ -44,7 +44,7 @@ FATAL_ERRORS: dict[str, type[errors.JobError]] = {
 class RunContext:
     """What run_job gives an executor besides the plan: where, how to stop, whom to tell."""
 
-    folder: Path
+    folder: Storage  # output.path: a folder or an object-store prefix (picklable)
     stop: StopSignal
     progress: ProgressSink
     rows_before: int  # rows committed before this run (for progress)

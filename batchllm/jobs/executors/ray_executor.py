@@ -20,7 +20,6 @@ import signal
 import time
 import uuid
 from dataclasses import dataclass, field, replace
-from types import ModuleType
 from typing import Any, Callable
 
 from batchllm.jobs.checkpoint import Committed, scan_committed
@@ -31,8 +30,9 @@ from batchllm.jobs.executors.base import FATAL_ERRORS, Executor, RunContext, Run
 from batchllm.jobs.executors.messages import (AssignUnit, Failed, Finished, Progress, Stopped,
                                               ToDriver, ToReplica, UnitDone, WantUnit)
 from batchllm.jobs.executors.queue import UnitQueue, Wait
-from batchllm.jobs.executors.ray_replica import (ReplicaActor, ReplicaShape, connect,
-                                                 describe_cluster, import_ray, replica_shape)
+from batchllm.jobs.executors.ray_replica import (ReplicaActor, ReplicaShape, actor_options,
+                                                 cause, connect, describe_cluster,
+                                                 import_ray, replica_shape, reserve, wait_ready)
 from batchllm.jobs.executors.worker import WorkerSetup
 from batchllm.jobs.prepare import JobPlan
 from batchllm.jobs.progress import progress_callback
@@ -119,27 +119,17 @@ class RayExecutor(Executor):
     def _start(self, shape: ReplicaShape) -> None:
         """Reserve each replica's resources (a placement group), then start its actor. Replicas
         the cluster cannot fit within ray.placement_timeout_s are left out (all of them: fail)."""
-        from ray.util.placement_group import placement_group, remove_placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
         ray, token = self.ray, uuid.uuid4().hex[:8]
-        groups = [placement_group([shape.bundle], strategy="STRICT_PACK")
-                  for _ in range(shape.count)]
-        ready = self._wait([g.ready() for g in groups], self.spec.ray.placement_timeout_s)
-        placed = [g for g, ok in zip(groups, ready) if ok]
-        for g in groups:
-            if g not in placed:
-                remove_placement_group(g)
-        if not placed:
-            raise JobSpecError(
-                f"{self.where}: the Ray cluster could not fit one engine replica ({shape.describe()}) "
-                f"within {self.spec.ray.placement_timeout_s:g} s ({describe_cluster(ray)}). Lower "
-                "engine.tensor_parallel_size or ray.num_cpus / ray.resources, add nodes, or raise "
-                "ray.placement_timeout_s")
+        placed = reserve(ray, shape, self.spec.ray.placement_timeout_s, self.ctx.stop, self.where)
         if len(placed) < shape.count:
             self.ctx.notice(f"the Ray cluster fits {len(placed)} of {shape.count} replicas "
                             f"({shape.describe()} each; {describe_cluster(ray)}); running with "
                             f"{len(placed)}")
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        if nodes > 1 and self.ctx.folder.local_path() is not None:
+            self.ctx.notice(f"output.path {self.ctx.folder.uri} is a local folder and the Ray "
+                            f"cluster has {nodes} nodes: every node must see it (a shared file "
+                            "system), or use object storage (s3://...)")
         engine = dict(self.spec.engine, **({} if shape.num_gpus else {"device": "cpu"}))
         spec = replace(self.spec, engine=engine)
         threads = None if shape.num_gpus else max(1, int(shape.num_cpus))
@@ -147,33 +137,20 @@ class RayExecutor(Executor):
         for i, group in enumerate(placed):
             setup = WorkerSetup(i, spec, self.plan.shards, self.plan.units, self.plan.schema,
                                 self.ctx.folder, threads, self.engine_factory)
-            actor = actor_class.options(
-                name=f"{ACTOR_PREFIX}{token}-{i}", num_cpus=shape.num_cpus,
-                num_gpus=shape.num_gpus, resources=shape.resources or None,
-                max_concurrency=4, max_restarts=0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    group, placement_group_bundle_index=0,
-                    placement_group_capture_child_tasks=True)).remote(setup)
+            actor = actor_class.options(**actor_options(shape, group, f"{ACTOR_PREFIX}{token}-{i}")
+                                        ).remote(setup)
             self.replicas.append(_Replica(i, actor, group))
         starts = [r.actor.start.remote() for r in self.replicas]
-        self._wait(starts, self.spec.ray.placement_timeout_s)
+        wait_ready(ray, starts, self.spec.ray.placement_timeout_s, self.ctx.stop)
         for r, ref in zip(self.replicas, starts):
             try:
                 r.where = ray.get(ref, timeout=0)
                 r.poll = r.actor.take.remote(POLL_S)
             except Exception as e:  # noqa: BLE001 - the actor could not start: it is lost
-                r.status = f"died: could not start: {_cause(e)}"
+                r.status = f"died: could not start: {cause(e)}"
         for r in self.replicas:
             if r.poll is None:
                 self._end(r)
-
-    def _wait(self, refs: list[Any], timeout: float) -> list[bool]:
-        """Wait for `refs` (up to `timeout`, stopping early on a signal); which are ready."""
-        deadline, pending = time.monotonic() + timeout, list(refs)
-        while pending and time.monotonic() < deadline and not self.ctx.stop.requested:
-            _, pending = self.ray.wait(pending, num_returns=len(pending),
-                                       timeout=min(0.5, max(0.0, deadline - time.monotonic())))
-        return [ref not in pending for ref in refs]
 
     def _begin_stop(self, signum: int) -> None:
         if not self.queue.stopping:
@@ -226,7 +203,7 @@ class RayExecutor(Executor):
             try:
                 messages = self.ray.get(ref)
             except self.ray.exceptions.RayError as e:  # the actor or its node is lost
-                r.status = f"died: {_cause(e)}"
+                r.status = f"died: {cause(e)}"
                 self._end(r)
                 continue
             for msg in messages:
@@ -322,16 +299,3 @@ def ray_executor(spec: JobSpec, engine: EngineLike | None,
                            "Ray actor; it cannot use the engine passed to run_job(engine=...). "
                            "Pass engine_factory= or drop one of the two.")
     return RayExecutor(spec, engine_factory)
-
-
-def check_ray(spec: JobSpec) -> ModuleType | None:
-    """Before anything loads: Ray is importable when the job asks for it (else exit 2)."""
-    return import_ray(spec.source or "job") if spec.executor == "ray" else None
-
-
-def _cause(e: BaseException) -> str:
-    text = str(e).strip()
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    # Ray's messages carry the remote traceback; the last line is the error itself.
-    tail = lines[-1].strip() if lines else type(e).__name__
-    return f"{type(e).__name__}: {tail[:300]}"

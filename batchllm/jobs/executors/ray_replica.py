@@ -14,11 +14,13 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
 from batchllm.jobs.errors import JobSpecError
+from batchllm.jobs.executor import StopSignal
 from batchllm.jobs.executors.messages import Stop, ToDriver, ToReplica, WantUnit
 from batchllm.jobs.executors.worker import WorkerSetup, serve_replica
 from batchllm.jobs.spec import JobSpec
@@ -109,6 +111,59 @@ def describe_cluster(ray: ModuleType) -> str:
                 f"{_resources(ray.available_resources())} free")
     except Exception:  # noqa: BLE001 - only for a message
         return "its resources could not be read"
+
+
+def check_ray(spec: JobSpec) -> ModuleType | None:
+    """Before anything loads: Ray is importable when the job asks for it (else exit 2)."""
+    return import_ray(spec.source or "job") if spec.executor == "ray" else None
+
+
+def wait_ready(ray: ModuleType, refs: list[Any], timeout: float, stop: StopSignal) -> list[bool]:
+    """Wait for `refs` (up to `timeout`, stopping early on a signal); which are ready."""
+    deadline, pending = time.monotonic() + timeout, list(refs)
+    while pending and time.monotonic() < deadline and not stop.requested:
+        _, pending = ray.wait(pending, num_returns=len(pending),
+                              timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+    return [ref not in pending for ref in refs]
+
+
+def reserve(ray: ModuleType, shape: ReplicaShape, timeout: float, stop: StopSignal,
+            where: str) -> list[Any]:
+    """One placement group per replica (its bundle on one node); those the cluster places within
+    `timeout`. None placed: a JobSpecError saying what the cluster has."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    groups = [placement_group([shape.bundle], strategy="STRICT_PACK") for _ in range(shape.count)]
+    ready = wait_ready(ray, [g.ready() for g in groups], timeout, stop)
+    for g, ok in zip(groups, ready):
+        if not ok:
+            remove_placement_group(g)
+    placed = [g for g, ok in zip(groups, ready) if ok]
+    if not placed and not stop.requested:
+        raise JobSpecError(
+            f"{where}: the Ray cluster could not fit one engine replica ({shape.describe()}) "
+            f"within {timeout:g} s ({describe_cluster(ray)}). Lower engine.tensor_parallel_size "
+            "or ray.num_cpus / ray.resources, add nodes, or raise ray.placement_timeout_s")
+    return placed
+
+
+def actor_options(shape: ReplicaShape, group: Any, name: str) -> dict[str, Any]:
+    """A replica actor's options: its resources inside its placement group (and the TP ranks it
+    starts with it), a threaded actor (the driver's calls meet its running loop), no restarts."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return {"name": name, "num_cpus": shape.num_cpus, "num_gpus": shape.num_gpus,
+            "resources": shape.resources or None, "max_concurrency": 4, "max_restarts": 0,
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)}
+
+
+def cause(e: BaseException) -> str:
+    """A Ray error in one line: Ray's messages carry the remote traceback; its last line is the
+    error itself."""
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    tail = lines[-1].strip() if lines else type(e).__name__
+    return f"{type(e).__name__}: {tail[:300]}"
 
 
 class _ActorLink:

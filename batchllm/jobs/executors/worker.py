@@ -8,12 +8,12 @@ import signal
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import pyarrow as pa
 
 from batchllm.io.readers import Shard
+from batchllm.io.storage import Storage
 from batchllm.jobs.checkpoint import Committed
 from batchllm.jobs.engine_api import EngineLike, build_engine
 from batchllm.jobs.errors import JobError, JobInterrupted
@@ -36,7 +36,7 @@ class WorkerSetup:
     shards: list[Shard]
     units: list[WorkUnit]
     schema: pa.Schema
-    folder: Path
+    folder: Storage  # output.path: a folder or an object-store prefix
     threads: int | None  # torch threads (CPU replicas share the cores)
     engine_factory: Callable[[JobSpec], EngineLike] | None
 
