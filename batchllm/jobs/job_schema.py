@@ -62,8 +62,10 @@ def text(null: bool = False, what: str = "a non-empty string", empty: bool = Fal
     return check
 
 
-def path_like(what: str) -> Check:
+def path_like(what: str, null: bool = False) -> Check:
     def check(v: Any) -> str | None:
+        if v is None and null:
+            return None
         if isinstance(v, os.PathLike):
             v = os.fspath(v)
         return None if isinstance(v, str) and v.strip() and "\0" not in v else what
@@ -114,7 +116,7 @@ def names() -> Check:
 
 
 INPUT: dict[str, Check] = {
-    "path": path_like("a file, glob or folder (a string)"),
+    "path": path_like("a file, glob or folder (a string)", null=True),  # null: input.data
     "format": choice(INPUT_FORMATS, null=True),
     "prompt_column": text(null=True, what="a column name"),
     "messages_column": text(null=True, what="a column name"),
@@ -127,7 +129,7 @@ INPUT: dict[str, Check] = {
         "auto | true | false (prompt columns through the model's chat template; auto: when the "
         "model has one)"),
     "openai_model_mismatch": choice(MODEL_MISMATCH),
-    "dataset": path_like("a folder written by Dataset.save_to_disk (a string)"),
+    "dataset": path_like("a folder written by Dataset.save_to_disk (a string)", null=True),
     "storage_options": storage_options(),
 }
 OUTPUT: dict[str, Check] = {

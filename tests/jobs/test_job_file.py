@@ -152,3 +152,17 @@ def test_set_into_an_empty_section_and_into_a_value(tmp_path: Path) -> None:
     assert load_spec(job, dict([parse_set("engine.seed=3")])).engine == {"seed": 3}
     with pytest.raises(JobSpecError, match="'path' is not a section"):
         load_spec(job, dict([parse_set("input.path.x=1")]))
+
+
+def test_a_jobspec_round_trips_through_the_schema(tmp_path: Path) -> None:
+    """run_job(JobSpec) re-validates spec_to_dict(spec): every default (nulls included) passes."""
+    import pyarrow as pa
+
+    from batchllm.jobs.spec import spec_to_dict
+
+    spec = load_spec({**BASE, "input": {"data": pa.table({"prompt": ["a"]})}})
+    assert spec.input.path is None
+    again = load_spec(spec)
+    assert spec_to_dict(again) == spec_to_dict(spec)
+    with pytest.raises(JobSpecError, match="missing key 'input.path'"):
+        spec_from_dict({**BASE, "input": {"path": None}})
