@@ -238,8 +238,9 @@ def spec_to_dict(spec: JobSpec) -> dict[str, Any]:
         return {f.name: getattr(obj, f.name) for f in fields(obj)}
 
     inp = sec(spec.input)
-    if inp.get("data") is None:
-        inp.pop("data", None)
+    for key in ("data", "dataset"):  # unset: left out (a JobSpec passed back in validates)
+        if inp.get(key) is None:
+            inp.pop(key, None)
     engine = dict(spec.engine)
     if spec.data_parallel_size != 1:
         engine["data_parallel_size"] = spec.data_parallel_size
