@@ -100,15 +100,19 @@ def test_jobs_take_the_setting_and_fingerprint_it(tiny_model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_two_ranks_load_an_fp8_checkpoint_like_one(tiny_model_dir, tmp_path):
-    """Tensor parallelism slices FP8 weights and their scales with their rows (lazy reads);
-    each rank quantizes its own activations, so the ranks' sum may round differently."""
+    """Tensor parallelism slices FP8 weights and their scales with their rows (lazy reads).
+    Each rank quantizes its own half of the row-parallel inputs, so the sum rounds differently:
+    measured on this model, first-token log-probs move by 0.04-0.19 between one and two ranks,
+    as much as FP8 itself moves them from float32 (0.02-0.10; float32 TP 2 equals TP 1)."""
     folder = write_fp8_checkpoint(tiny_model_dir, tmp_path / "ct", "ct-channel")
     prompts = make_prompts(VOCAB, [5, 17, 9, 30], seed=10)
-    one, _ = generate(folder, prompts)
+    one = LLM(str(folder), dtype="float32", device="cpu").generate(prompts, PARAMS)
     llm = LLM(str(folder), dtype="float32", device="cpu", tensor_parallel_size=2)
     try:
-        two = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, PARAMS)]
+        two = llm.generate(prompts, PARAMS)
     finally:
         llm.shutdown()
-    same = sum(a == b for p, q in zip(one, two) for a, b in zip(p, q))
-    assert same >= 0.75 * 8 * len(prompts)
+    for a, b in zip(one, two):  # the first token of each prompt (later ones follow any flip)
+        a, b = a.outputs[0], b.outputs[0]
+        assert a.token_ids[0] == b.token_ids[0]
+        assert abs(a.token_logprobs[0] - b.token_logprobs[0]) < 0.3
