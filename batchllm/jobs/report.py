@@ -36,8 +36,10 @@ class ReportUnavailable(RuntimeError):
 class ReportData:
     summary: dict[str, Any] | None
     samples: list[dict[str, Any]]  # metrics.jsonl, every run
-    prompt_lengths: list[int] = field(default_factory=list)  # per input row
-    output_lengths: list[int] = field(default_factory=list)  # per output row (sample)
+    # length -> rows of that length (a count per distinct length: memory stays flat however
+    # many rows the job has)
+    prompt_lengths: Counter = field(default_factory=Counter)  # per input row
+    output_lengths: Counter = field(default_factory=Counter)  # per output row (sample)
     finish_reasons: Counter = field(default_factory=Counter)
     errors: dict[str, list[Any]] = field(default_factory=dict)  # pattern -> [count, example]
 
@@ -74,12 +76,6 @@ def read_samples(folder: Path) -> list[dict[str, Any]]:
     return out
 
 
-def error_pattern(message: str) -> str:
-    """An error message with its numbers (rows, lines, ids, lengths) as #: rows that failed for
-    the same reason group together."""
-    return re.sub(r"\d+", "#", message)
-
-
 def gather(folder: Path) -> ReportData:
     data = ReportData(read_summary(folder), read_samples(folder))
     cols = ["num_prompt_tokens", "num_output_tokens", "finish_reason", "error"]
@@ -88,14 +84,14 @@ def gather(folder: Path) -> ReportData:
             t = read_arrow(path)
         except (pa.ArrowInvalid, OSError):
             continue  # set aside and redone by the next run
-        first = t.filter(pc.equal(t["sample_index"], 0)) if "sample_index" in t.column_names else t
-        t, first = t.select(cols), first.select(cols)
-        data.prompt_lengths += [n for n in first["num_prompt_tokens"].to_pylist() if n is not None]
-        data.output_lengths += [n for n in t["num_output_tokens"].to_pylist() if n is not None]
-        data.finish_reasons.update(r or "none" for r in t["finish_reason"].to_pylist())
-        for msg in first["error"].drop_null().to_pylist():
-            entry = data.errors.setdefault(error_pattern(msg), [0, msg])
-            entry[0] += 1
+        samples = "sample_index" in t.column_names
+        t = t.select(cols + (["sample_index"] if samples else []))  # (text, token ids: unread)
+        first = t.filter(pc.equal(t["sample_index"], 0)) if samples else t
+        _count(data.prompt_lengths, first["num_prompt_tokens"])
+        _count(data.output_lengths, t["num_output_tokens"])
+        for item in pc.value_counts(t["finish_reason"]).to_pylist():
+            data.finish_reasons[item["values"] or "none"] += item["counts"]
+        _count_errors(data.errors, first["error"].drop_null())
     return data
 
 
@@ -183,9 +179,30 @@ def _time_plots(runs: list[list[dict[str, Any]]]) -> list[tuple[str, str, str]]:
     return out
 
 
-def _histogram(values: list[int], key: str, title: str) -> tuple[str, str, str]:
+def _count_errors(errors: dict[str, list[Any]], messages: pa.ChunkedArray) -> None:
+    """Add messages to pattern -> [rows, an example] (in Arrow: a job of error rows stays flat)."""
+    if not len(messages):
+        return
+    patterns = pc.replace_substring_regex(messages, pattern="[0-9]+", replacement="#")
+    for item in pc.value_counts(patterns).to_pylist():
+        entry = errors.get(item["values"])
+        if entry is None:
+            example = messages[pc.index(patterns, item["values"]).as_py()].as_py()
+            entry = errors[item["values"]] = [0, example]
+        entry[0] += item["counts"]
+
+
+def _count(counter: Counter, column: pa.ChunkedArray) -> None:
+    """Add a column's non-null values to a value -> count Counter."""
+    for item in pc.value_counts(column.drop_null()).to_pylist():
+        counter[item["values"]] += item["counts"]
+
+
+def _histogram(values: Counter, key: str, title: str) -> tuple[str, str, str]:
     fig, (ax,) = _figure()
-    ax.hist(values, bins=min(50, max(1, len(set(values)))), color="C0")
+    lengths = sorted(values)
+    ax.hist(lengths, weights=[values[n] for n in lengths], bins=min(50, max(1, len(lengths))),
+            color="C0")
     ax.set_title(title)
     ax.set_xlabel("tokens")
     ax.set_ylabel("rows")

@@ -9,11 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from batchllm.jobs import run_job
 from batchllm.jobs.executor import StopSignal
-from batchllm.jobs.report import REPORT, error_pattern
+from batchllm.jobs.report import REPORT, _count_errors
 from tests.jobs.helpers import job, write_jsonl
 from tests.jobs.stream_engine import StreamEngine
 
@@ -61,10 +62,13 @@ def test_report_holds_every_plot_with_its_title_and_the_figures(two_run_job: Pat
 
 
 def test_error_messages_group_by_everything_but_their_numbers() -> None:
-    assert error_pattern("line 12 of in.jsonl: prompt has 9000 tokens") == \
-        error_pattern("line 3 of in.jsonl: prompt has 8193 tokens")
-    assert error_pattern("line 3 of a.jsonl: prompt is empty") != \
-        error_pattern("line 3 of a.jsonl: prompt is not a string")
+    errors: dict = {}
+    _count_errors(errors, pa.chunked_array([["line 12 of in.jsonl: prompt has 9000 tokens",
+                                             "line 3 of a.jsonl: prompt is empty"],
+                                            ["line 3 of in.jsonl: prompt has 8193 tokens"]]))
+    assert errors == {"line # of in.jsonl: prompt has # tokens":
+                      [2, "line 12 of in.jsonl: prompt has 9000 tokens"],
+                      "line # of a.jsonl: prompt is empty": [1, "line 3 of a.jsonl: prompt is empty"]}
 
 
 def _chromium() -> str | None:
