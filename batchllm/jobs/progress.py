@@ -204,7 +204,7 @@ class RichProgress:
         self._progress.stop()
 
     def event(self, text: str) -> None:
-        self._progress.console.log(text)
+        self._progress.console.print(f"{_stamp()} {text}", markup=False, highlight=False)
 
     def show(self, state: ProgressState) -> None:
         eta = "?" if state.eta_s is None else _duration(state.eta_s)
