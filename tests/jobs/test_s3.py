@@ -14,6 +14,7 @@ import pyarrow as pa
 import pytest
 
 from batchllm.jobs import run_job
+from batchllm.jobs.finalize import finalize
 from tests.cli.helpers import TIMINGS, chunk_rows, cli, env, write_job
 from tests.s3_server import S3Server, moto_server
 
@@ -57,7 +58,8 @@ def s3_rows(s3: S3Server, bucket: str) -> pa.Table:
 
 
 def test_a_job_on_s3_killed_mid_run_resumes_and_writes_every_row_exactly_once(
-        s3: S3Server, tmp_path: Path, tiny_model_dir: Path, reference: pa.Table) -> None:
+        s3: S3Server, tmp_path: Path, tiny_model_dir: Path, reference: pa.Table,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     job = s3_job(tmp_path, tiny_model_dir, s3, "resume")
     p = subprocess.Popen(cli(job), env=env(**s3.env()), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
@@ -84,6 +86,11 @@ def test_a_job_on_s3_killed_mid_run_resumes_and_writes_every_row_exactly_once(
     record = json.loads(s3.filesystem().open_input_stream("resume/out/job.json").read())
     assert record["details"]["inputs"][0]["file"] == "s3://resume/in/in.jsonl"
     assert not s3.filesystem().get_file_info("resume/out/.lease").is_file  # released
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    assert finalize("s3://resume/out") == ["s3://resume/out/final/00000-in.arrow"]
+    with s3.filesystem().open_input_file("resume/out/final/00000-in.arrow") as f:
+        assert pa.ipc.open_file(f).read_all()["id"].to_pylist() == reference["id"].to_pylist()
 
 
 def test_a_second_run_on_the_same_output_is_refused_then_takes_over_when_asked(
