@@ -216,6 +216,7 @@ def inspect(out: str = typer.Argument(..., help="an output folder or URI", metav
 
     try:
         store = open_storage(out)  # a folder, or s3://... (credentials from the environment)
+        store.check()  # a missing bucket or bad credentials, said as such
         read_job_record(store)
     except JobError as e:
         _fail(e)
