@@ -5,7 +5,7 @@ A chunk computes positions p0 .. p0 + q - 1 of its request; the hidden state at 
 scores prompt token p + 1, so a chunk of a request that asks contributes the rows of positions
 p0 .. min(p0 + q, L - 1) - 1 (L: the prompt's length; position L - 1 is the sampled row). Chunked
 prefill therefore spreads a prompt's log-probs over several steps. Their logits are computed
-beside the sampled rows', a few hundred rows at a time (a long prompt's [tokens, vocab] logits
+beside the sampled rows', 128 rows at a time (a long prompt's [tokens, vocab] logits
 at once would be gigabytes); steps without such a request compute nothing more.
 """
 from __future__ import annotations
