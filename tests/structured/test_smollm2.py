@@ -115,9 +115,9 @@ def test_constrained_greedy_output_does_not_depend_on_the_batch(smollm2_dir):
 
 
 def test_openai_batch_response_format_end_to_end(smollm2_dir, tmp_path: Path):
-    def line(i: int, body: dict) -> dict:
+    def line(i: int, body: dict) -> dict:  # a request's model must name the job's
         return {"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions",
-                "body": {"model": "m", "max_tokens": 128, "temperature": 0, **body}}
+                "body": {"model": smollm2_dir.name, "max_tokens": 128, "temperature": 0, **body}}
     msgs = [{"role": "user", "content": "Describe a customer order as JSON."}]
     src = write_jsonl(tmp_path / "batch.jsonl", [
         line(0, {"messages": msgs, "response_format": {"type": "json_schema", "json_schema": {
@@ -141,4 +141,6 @@ def test_openai_batch_response_format_end_to_end(smollm2_dir, tmp_path: Path):
     if choices[1]["finish_reason"] == "stop":
         assert isinstance(json.loads(content[1]), dict)
     assert by_id["req-2"]["response"]["body"]["usage"]["completion_tokens"] == 8
-    assert "json_schema must be an object with a `schema`" in by_id["req-3"]["error"]["message"]
+    refused = by_id["req-3"]["response"]  # OpenAI's shape: status 400, the reason in the body
+    assert refused["status_code"] == 400
+    assert "json_schema must be an object with a `schema`" in refused["body"]["error"]["message"]
