@@ -115,7 +115,9 @@ def test_a_job_on_a_model_that_cannot_run_fails_in_preflight(tmp_path, tiny_mode
 
 def test_a_job_runs_end_to_end_on_the_fallback(tmp_path, tiny_model_factory):
     folder = tiny_model_factory("phi3")
-    result = run_job(write_job(tmp_path, folder, rows=6, max_tokens=5), finalize_outputs=True)
+    # raw prompts, as LLM.generate below takes them (jobs apply the chat template by default)
+    result = run_job(write_job(tmp_path, folder, rows=6, max_tokens=5), finalize_outputs=True,
+                     **{"input.chat_template": False})
     assert result.summary["rows"] == 7 and result.summary["errors"] == 1  # one malformed line
     rows = committed(tmp_path / "out").to_pylist()
     good = [r for r in rows if r["error"] is None]
